@@ -1,0 +1,193 @@
+"""Loading a site's images and labels from a MONAI Decathlon-style datalist.
+
+A datalist is a JSON file with ``"training"`` and ``"validation"`` lists of ``{"image": path, "label": path}``
+entries; relative paths resolve against ``base_dir`` (default: the datalist's folder). Images may be NIfTI
+(2D or 3D), DICOM or PNG/JPEG: whatever MONAI's :class:`~monai.transforms.LoadImaged` reads.
+
+Every item is checked when it is loaded; bad input raises :class:`DataError` naming the offending file:
+a missing file, an image/label shape mismatch, a label value outside the declared classes, an empty list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from monai.data import Dataset, load_decathlon_datalist
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+)
+
+
+class DataError(ValueError):
+    """Raised for bad site data; the message names the site, file or key at fault."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the job's model expects from every site's data (job-wide).
+
+    Args:
+        num_classes: number of label classes including background; labels must lie in ``0..num_classes-1``.
+        spatial_dims: 2 or 3.
+        spatial_size: size every image/label pair is resized to; ``None`` keeps the native size (then all images
+            must already share one size).
+        in_channels: number of image channels the model takes.
+        intensity: ``"minmax"`` (scale each image to [0, 1]), ``"zscore"`` (per-image mean/std), or
+            ``"window"`` (clip ``window`` = ``[low, high]`` to [0, 1], e.g. a CT window in HU).
+        window: the intensity window used when ``intensity == "window"``.
+    """
+
+    num_classes: int = 3
+    spatial_dims: int = 2
+    spatial_size: Optional[Tuple[int, ...]] = (64, 64)
+    in_channels: int = 1
+    intensity: str = "minmax"
+    window: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self) -> None:
+        if self.spatial_size is not None:
+            object.__setattr__(self, "spatial_size", tuple(int(s) for s in self.spatial_size))
+            if len(self.spatial_size) != self.spatial_dims:
+                raise ValueError(f"spatial_size {self.spatial_size} does not have {self.spatial_dims} dimensions")
+        if self.intensity not in ("minmax", "zscore", "window"):
+            raise ValueError(f"intensity must be 'minmax', 'zscore' or 'window', got {self.intensity!r}")
+        if self.intensity == "window" and (self.window is None or len(self.window) != 2):
+            raise ValueError("intensity='window' needs window=[low, high]")
+        if self.num_classes < 2:
+            raise ValueError("num_classes must be >= 2 (background plus at least one class)")
+
+
+class CheckPaird(MapTransform):
+    """Check an image/label pair after loading: channel count, matching shapes, label values.
+
+    Raises :class:`DataError` naming the files.
+    """
+
+    def __init__(self, spec: ImageSpec, keys: Sequence[str] = ("image", "label")) -> None:
+        super().__init__(keys)
+        self.spec = spec
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        image, label = data["image"], data["label"]
+        img_file, lab_file = _source(image), _source(label)
+        if image.ndim != self.spec.spatial_dims + 1:
+            raise DataError(f"{img_file}: image has {image.ndim - 1} spatial dimensions, expected {self.spec.spatial_dims}")
+        if image.shape[0] != self.spec.in_channels:
+            raise DataError(f"{img_file}: image has {image.shape[0]} channels, the model expects {self.spec.in_channels}")
+        if label.shape[0] != 1:
+            raise DataError(f"{lab_file}: label must have one channel, got {label.shape[0]}")
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise DataError(f"image/label shape mismatch: {img_file} has {tuple(image.shape[1:])}, "
+                            f"{lab_file} has {tuple(label.shape[1:])}")
+        values = torch.unique(torch.as_tensor(label))
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < self.spec.num_classes]
+        if bad:
+            raise DataError(f"{lab_file}: label values {bad[:5]} outside the declared classes "
+                            f"0..{self.spec.num_classes - 1}")
+        if not torch.isfinite(torch.as_tensor(image)).all():
+            raise DataError(f"{img_file}: image contains NaN or infinite values")
+        return data
+
+
+def _source(x: Any) -> str:
+    meta = getattr(x, "meta", None) or {}
+    return str(meta.get("filename_or_obj", "<in-memory>"))
+
+
+def build_transforms(spec: ImageSpec) -> Compose:
+    """Deterministic loading transforms: read, channel-first, check, normalise intensity, resize."""
+    steps: List[Callable] = [
+        LoadImaged(keys=("image", "label"), image_only=True),
+        EnsureChannelFirstd(keys=("image", "label")),
+        CheckPaird(spec),
+    ]
+    if spec.intensity == "minmax":
+        steps.append(ScaleIntensityd(keys="image", channel_wise=True))
+    elif spec.intensity == "zscore":
+        steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
+    else:
+        low, high = spec.window
+        steps.append(ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    if spec.spatial_size is not None:
+        steps.append(Resized(keys=("image", "label"), spatial_size=spec.spatial_size, mode=("area", "nearest")))
+    steps.append(EnsureTyped(keys=("image", "label"), dtype=(torch.float32, torch.long), track_meta=False))
+    return Compose(steps)
+
+
+def read_datalist(path: str, key: str, base_dir: Optional[str] = None) -> List[Dict[str, str]]:
+    """Entries of ``key`` in a Decathlon-style datalist with absolute paths, checked to exist.
+
+    Raises:
+        DataError: the datalist is missing or unreadable, the key is absent or empty, an entry lacks
+            ``image``/``label``, or a listed file does not exist.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"datalist not found: {path}")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"datalist {path} is not valid JSON: {e}") from e
+    if key not in raw:
+        raise DataError(f"datalist {path} has no '{key}' list (keys: {sorted(raw)})")
+    if not raw[key]:
+        raise DataError(f"datalist {path}: the '{key}' list is empty")
+    for i, entry in enumerate(raw[key]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DataError(f"datalist {path}: '{key}' entry {i} needs 'image' and 'label' keys, got {entry!r}")
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key,
+                                    base_dir=base_dir or os.path.dirname(os.path.abspath(path)))
+    for item in items:
+        for k in ("image", "label"):
+            if not os.path.exists(item[k]):
+                raise DataError(f"{k} file listed in {path} not found: {item[k]}")
+    return items
+
+
+def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: bool = True) -> Dataset:
+    """A dataset over ``items``. With ``cache`` every item is loaded and checked now and kept in memory."""
+    transform = build_transforms(spec)
+    if not cache:
+        return Dataset(list(items), transform=transform)
+    loaded = []
+    for item in items:
+        try:
+            loaded.append(transform(item))
+        except DataError:
+            raise
+        except Exception as e:  # MONAI wraps errors raised inside transforms
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, DataError):
+                raise cause from None
+            raise DataError(f"cannot load {item['image']} / {item['label']}: {cause}") from e
+    return Dataset(loaded)
+
+
+def stack_dataset(dataset: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, C, *spatial)`` and labels ``(N, 1, *spatial)`` of a small in-memory dataset."""
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
+    return images, labels
+
+
+def label_histogram(dataset: Dataset, num_classes: int) -> np.ndarray:
+    """Voxel count per class (for reporting)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for i in range(len(dataset)):
+        counts += np.bincount(dataset[i]["label"].numpy().ravel(), minlength=num_classes)[:num_classes]
+    return counts

@@ -1,0 +1,5 @@
+"""FLARE Executors (client side)."""
+
+from .segmentation import SegmentationExecutor
+
+__all__ = ["SegmentationExecutor"]

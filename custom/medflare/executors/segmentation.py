@@ -1,0 +1,298 @@
+"""FLARE Executor for federated segmentation: ``train``, ``validate`` and ``submit_model``.
+
+Per ``train`` task the site:
+
+1. loads the received global weights,
+2. evaluates them on its validation split (per-class Dice; sent back as the *initial metrics* that drive
+   best-model selection and the server's per-round fairness report),
+3. trains ``local_epochs`` epochs (DiceCE, optional FedProx term),
+4. returns the new weights, the number of training samples, and a few documented scalars.
+
+What leaves the site: model weights, the sample count, and the scalars listed in :data:`REPORTED_SCALARS`.
+Images, labels and features never do.
+
+State that must outlive a worker process (the last local model, optimiser state; subclasses add their own) is
+kept in ``<app dir>/medflare_client_state.pt`` and reloaded when FLARE restarts the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from ..data import DataError, ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
+from ..metrics import evaluate_segmentation
+from ..networks import build_model
+from ..training import SegmentationTrainer
+from ..workflows import SITE_REPORT_KEY
+
+STATE_FILE = "medflare_client_state.pt"
+REPORTED_SCALARS = ("modality", "n_train", "n_val", "train_loss", "dice_local", "train_seconds")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; anything else is passed to :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def weights_to_numpy(model: torch.nn.Module) -> Dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_weights(model: torch.nn.Module, weights: Dict[str, Any], source: str) -> None:
+    """Load ``weights`` (numpy or tensors) into ``model``, with an error that says what does not match."""
+    state = model.state_dict()
+    missing = sorted(set(state) - set(weights))
+    extra = sorted(set(weights) - set(state))
+    if missing or extra:
+        raise ValueError(f"{source} does not match this site's model: missing {missing[:5]}, unexpected {extra[:5]}; "
+                         "check that the server's persistor and the executor use the same model arguments")
+    for name, value in weights.items():
+        tensor = torch.as_tensor(np.asarray(value))
+        if tensor.shape != state[name].shape:
+            raise ValueError(f"{source}: parameter '{name}' has shape {tuple(tensor.shape)}, "
+                             f"this site's model has {tuple(state[name].shape)}")
+        state[name].copy_(tensor.to(state[name].dtype))
+
+
+def save_state_atomic(state: Dict[str, Any], path: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class SegmentationExecutor(Executor):
+    """Local training and evaluation of a segmentation model at one site.
+
+    Args:
+        model: ``{"name": "unet", **constructor kwargs}``; ``spatial_dims``, ``in_channels`` and ``out_channels``
+            default to the image settings below. Must match the server persistor's ``model``.
+        num_classes: label classes including background.
+        class_names: names of the classes (index 0 = background), used in metric names.
+        spatial_dims: 2 or 3.
+        spatial_size: size every image is resized to (``null`` keeps native sizes).
+        in_channels: image channels.
+        intensity: ``"minmax"``, ``"zscore"`` or ``"window"`` (see :class:`medflare.data.ImageSpec`).
+        window: ``[low, high]`` for ``intensity="window"`` (e.g. a CT window in HU).
+        synthetic: settings of the built-in benchmark used by sites without a data config
+            (see :class:`medflare.data.SyntheticSegConfig`).
+        lr: Adam learning rate.
+        local_epochs: local epochs per round.
+        batch_size: training batch size.
+        fedprox_mu: FedProx proximal weight (0 = FedAvg).
+        seed: seed of shuffling and initialisation at this site.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        num_threads: CPU threads for torch (0 keeps torch's default).
+        tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
+        eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
+    """
+
+    def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 3,
+                 class_names: Sequence[str] = ("background", "organ", "lesion"), spatial_dims: int = 2,
+                 spatial_size: Optional[Sequence[int]] = (64, 64), in_channels: int = 1, intensity: str = "minmax",
+                 window: Optional[Sequence[float]] = None, synthetic: Optional[Dict[str, Any]] = None,
+                 lr: float = 3e-3, local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
+                 seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
+                 eval_roi_size: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
+                              spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
+                              intensity=intensity, window=tuple(window) if window else None)
+        self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
+        model = dict(model or {})
+        self.model_name = model.pop("name", "unet")
+        self.model_args = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": num_classes,
+                           **model}
+        self.class_names = list(class_names)
+        self.lr, self.local_epochs, self.batch_size = lr, local_epochs, batch_size
+        self.fedprox_mu, self.seed = fedprox_mu, seed
+        self.device_name, self.num_threads = device, num_threads
+        self.tb_writer_id = tb_writer_id
+        self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
+
+        self.site: str = ""
+        self.data: Optional[SiteData] = None
+        self.device: Optional[torch.device] = None
+        self.model: Optional[torch.nn.Module] = None
+        self.trainer: Optional[SegmentationTrainer] = None
+        self.local_weights: Optional[Dict[str, np.ndarray]] = None
+        self.rounds_done = 0
+        self._app_dir = ""
+        self._local_dir: Optional[str] = None
+        self._tb = None
+
+    # ------------------------------------------------------------------ extension points
+    def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
+        """The local trainer; algorithms that change the local objective return a subclass here."""
+        return SegmentationTrainer(model, device, lr=self.lr, fedprox_mu=self.fedprox_mu)
+
+    def prepare_round(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
+
+    def extra_state(self) -> Dict[str, Any]:
+        """Extra client state to keep across worker restarts (e.g. a discriminator)."""
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    # ------------------------------------------------------------------ FLARE plumbing
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.site = fl_ctx.get_identity_name()
+            engine = fl_ctx.get_engine()
+            workspace = engine.get_workspace()
+            self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
+            self._local_dir = workspace.get_site_config_dir()
+            self._tb = engine.get_component(self.tb_writer_id) if self.tb_writer_id else None
+
+    def _ensure_ready(self, fl_ctx: FLContext) -> None:
+        """Load data, build model and trainer, restore saved state (once per worker process)."""
+        if self.trainer is not None:
+            return
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        config = resolve_site_config(self.site, self._local_dir, self.synthetic.modalities)
+        start = time.time()
+        self.data = load_site_data(config, self.spec, self.synthetic)
+        self.log_info(fl_ctx, f"site '{self.site}' data from {config.source}: {len(self.data.train)} training and "
+                              f"{len(self.data.val)} validation images (modality {self.data.modality or 'n/a'}, "
+                              f"datalist {self.data.datalist}) loaded in {time.time() - start:.1f}s")
+        self.device = resolve_device(self.device_name)
+        self.model = build_model(self.model_name, **self.model_args)
+        self.trainer = self.create_trainer(self.model, self.device)
+        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device}")
+        self._restore_state(fl_ctx)
+
+    def _state_path(self) -> str:
+        return os.path.join(self._app_dir, STATE_FILE)
+
+    def _restore_state(self, fl_ctx: FLContext) -> None:
+        path = self._state_path()
+        if not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
+        self.rounds_done = int(state["rounds_done"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state.get("extra", {}))
+        self.log_info(fl_ctx, f"restored client state after {self.rounds_done} rounds from {path}")
+
+    def _save_state(self) -> None:
+        state = {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
+                 "rounds_done": self.rounds_done, "optimizer": self.trainer.optimizer.state_dict(),
+                 "extra": self.extra_state()}
+        save_state_atomic(state, self._state_path())
+
+    def _tb_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar(tag, float(value), global_step=step)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        try:
+            self._ensure_ready(fl_ctx)
+        except DataError as e:
+            self.log_error(fl_ctx, f"data error: {e}")
+            self.system_panic(f"site '{self.site}' stopped: {e}", fl_ctx)
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            if task_name == AppConstants.TASK_TRAIN:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == AppConstants.TASK_VALIDATION:
+                return self._validate(shareable, fl_ctx)
+            if task_name == AppConstants.TASK_SUBMIT_MODEL:
+                return self._submit_model(fl_ctx)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"site '{self.site}' failed task '{task_name}': {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        self.log_error(fl_ctx, f"unknown task '{task_name}'")
+        return make_reply(ReturnCode.TASK_UNKNOWN)
+
+    def evaluate(self) -> Dict[str, float]:
+        return evaluate_segmentation(self.model, self.data.val, self.spec.num_classes, self.device,
+                                     batch_size=self.batch_size, class_names=self.class_names,
+                                     roi_size=self.eval_roi_size)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
+        n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
+        load_weights(self.model, dxo.data, f"global model of round {rnd}")
+        global_metrics = self.evaluate()
+        global_metrics.pop("n_images", None)
+        self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model dice on '{self.site}' = "
+                              f"{global_metrics['dice']:.4f}")
+        for k, v in global_metrics.items():
+            self._tb_scalar(f"global_{k}", v, rnd)
+        self.prepare_round(dxo, shareable, fl_ctx)
+
+        def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
+            step = rnd * self.local_epochs + epoch
+            self.log_info(fl_ctx, f"round {rnd} epoch {epoch + 1}/{self.local_epochs}: "
+                          + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+            for k, v in losses.items():
+                self._tb_scalar(f"train_{k}", v, step)
+
+        start = time.time()
+        result = self.trainer.fit(self.data.train, self.local_epochs, self.batch_size, seed=self.seed * 1000 + rnd,
+                                  should_stop=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end)
+        if result.aborted:
+            self.log_info(fl_ctx, "training aborted")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        seconds = time.time() - start
+        local_metrics = self.evaluate()
+        self._tb_scalar("local_dice", local_metrics["dice"], rnd)
+        self.local_weights = weights_to_numpy(self.model)
+        self.rounds_done = rnd + 1
+        self._save_state()
+
+        report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
+                  "train_loss": result.losses.get("loss", float("nan")), "dice_local": local_metrics["dice"],
+                  "train_seconds": round(seconds, 2)}
+        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
+        out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, len(self.data.train))
+        out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
+        out.set_meta_prop(SITE_REPORT_KEY, report)
+        self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
+                              f"local model dice {local_metrics['dice']:.4f}")
+        return out.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        load_weights(self.model, dxo.data, f"model of '{owner}'")
+        metrics = self.evaluate()
+        self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': dice {metrics['dice']:.4f}")
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        if self.local_weights is None:
+            self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
+            return make_reply(ReturnCode.EMPTY_RESULT)
+        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()

@@ -1,0 +1,95 @@
+"""Segmentation metrics and fairness summaries.
+
+- :func:`evaluate_segmentation` runs a model over a dataset and returns per-class Dice computed with MONAI's
+  :class:`~monai.metrics.DiceMetric` (foreground classes only; an image where a class is absent from both prediction
+  and ground truth counts as Dice 1 for that class).
+- :func:`fairness_summary` condenses per-site numbers into mean, worst site, spread and gap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch.utils.data import DataLoader, Dataset
+
+
+def class_key(index: int, class_names: Optional[Sequence[str]] = None) -> str:
+    """Metric name of a foreground class: ``dice_<name>`` (or ``dice_<index>`` without names)."""
+    if class_names and index < len(class_names):
+        return f"dice_{class_names[index]}"
+    return f"dice_{index}"
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, dataset: Dataset, num_classes: int, device: torch.device,
+                          batch_size: int = 16, class_names: Optional[Sequence[str]] = None,
+                          roi_size: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """Mean Dice over images, per foreground class and overall.
+
+    Args:
+        model: network returning logits ``(B, num_classes, *spatial)``.
+        dataset: items ``{"image": (C, *spatial), "label": (1, *spatial)}``.
+        num_classes: classes including background.
+        device: where to run the model.
+        batch_size: evaluation batch size.
+        class_names: names of all classes (index 0 = background), used in the metric keys.
+        roi_size: if set, sliding-window inference with this window (large 3D volumes).
+
+    Returns:
+        ``{"dice": mean over foreground classes, "dice_<class>": ..., "n_images": N}``.
+    """
+    was_training = model.training
+    model.eval()
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False, num_classes=num_classes)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    n = 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        labels = batch["label"].to(device)
+        if roi_size is not None:
+            logits = sliding_window_inference(images, roi_size, batch_size, model)
+        else:
+            logits = model(images)
+        pred = one_hot(torch.argmax(logits, dim=1, keepdim=True), num_classes)
+        metric(y_pred=pred, y=one_hot(labels, num_classes))
+        n += images.shape[0]
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    per_class = metric.aggregate().cpu().numpy()
+    model.train(was_training)
+    result = {class_key(c + 1, class_names): float(v) for c, v in enumerate(per_class)}
+    result["dice"] = float(np.mean(per_class))
+    result["n_images"] = n
+    return result
+
+
+def fairness_summary(per_site: Mapping[str, float]) -> Dict[str, float]:
+    """Mean, worst and best site, standard deviation, max-min gap and Jain's index of per-site scores.
+
+    Jain's index ``(sum x)^2 / (n * sum x^2)`` is 1 when all sites score the same and ``1/n`` at the most unequal.
+    """
+    if not per_site:
+        raise ValueError("fairness_summary needs at least one site")
+    sites = sorted(per_site)
+    values = np.array([float(per_site[s]) for s in sites])
+    if not np.all(np.isfinite(values)):
+        bad = [s for s, v in zip(sites, values) if not math.isfinite(v)]
+        raise ValueError(f"non-finite metric from sites {bad}")
+    worst, best = int(np.argmin(values)), int(np.argmax(values))
+    squares = float(np.sum(values ** 2))
+    return {
+        "mean": float(values.mean()),
+        "worst": float(values[worst]),
+        "worst_site": sites[worst],
+        "best": float(values[best]),
+        "std": float(values.std()),
+        "gap": float(values[best] - values[worst]),
+        "jain": float(values.sum() ** 2 / (len(values) * squares)) if squares > 0 else 1.0,
+        "n_sites": len(values),
+    }

@@ -1,0 +1,102 @@
+"""Segmentation networks whose encoder (bottleneck) features can be reached, as feature alignment needs.
+
+:class:`FeatureUNet` *is* a MONAI :class:`~monai.networks.nets.UNet` (same parameters, same ``state_dict`` keys, so
+its checkpoints load into a plain MONAI UNet) with three additions: :meth:`FeatureUNet.forward_with_features`
+returns the logits together with the bottleneck feature map, :meth:`FeatureUNet.encode` returns only the features
+(skipping the decoder), and :meth:`FeatureUNet.encoder_keys` names the encoder's entries of the ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+
+import torch
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import UNet
+from torch import nn
+
+
+class _EncoderDone(Exception):
+    """Raised by :meth:`FeatureUNet.encode` to stop the forward pass once the bottleneck has run."""
+
+
+class FeatureUNet(UNet):
+    """MONAI UNet exposing its bottleneck features.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: number of classes (background included).
+        channels: feature channels per level, e.g. ``(16, 32, 64)``.
+        strides: downsampling strides between levels (one fewer than ``channels``).
+        num_res_units: residual units per block.
+        norm: normalisation layer (MONAI name); instance norm keeps no running statistics, which suits FL.
+        dropout: dropout probability.
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 3,
+                 channels: Sequence[int] = (16, 32, 64), strides: Sequence[int] = (2, 2), num_res_units: int = 1,
+                 norm: str = "instance", dropout: float = 0.0) -> None:
+        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                         channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, norm=norm,
+                         dropout=dropout)
+        self.feature_channels = int(channels[-1])
+        downs, self._bottleneck = self._split_encoder()
+        self._encoder_modules: List[nn.Module] = downs + [self._bottleneck]
+
+    def _split_encoder(self) -> Tuple[List[nn.Module], nn.Module]:
+        """Walk MONAI's nested ``Sequential(down, SkipConnection(...), up)`` to the bottom layer."""
+        downs, node = [], self.model
+        while True:
+            downs.append(node[0])
+            sub = node[1].submodule
+            if isinstance(sub, nn.Sequential) and len(sub) == 3 and isinstance(sub[1], SkipConnection):
+                node = sub
+            else:
+                return downs, sub
+
+    def forward_with_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and bottleneck features ``(B, channels[-1], *reduced)``; both keep their autograd graph."""
+        captured: Dict[str, torch.Tensor] = {}
+        handle = self._bottleneck.register_forward_hook(lambda _m, _i, out: captured.__setitem__("f", out))
+        try:
+            logits = self(x)
+        finally:
+            handle.remove()
+        return logits, captured["f"]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Bottleneck features only; the decoder is not run."""
+        captured: Dict[str, torch.Tensor] = {}
+
+        def stop(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            captured["f"] = out
+            raise _EncoderDone
+
+        handle = self._bottleneck.register_forward_hook(stop)
+        try:
+            self(x)
+        except _EncoderDone:
+            pass
+        finally:
+            handle.remove()
+        return captured["f"]
+
+    def encoder_keys(self) -> Set[str]:
+        """``state_dict`` keys of the encoder path (down blocks and bottleneck)."""
+        module_names = {id(m): n for n, m in self.named_modules()}
+        keys: Set[str] = set()
+        for module in self._encoder_modules:
+            prefix = module_names[id(module)] + "."
+            keys.update(prefix + k for k in module.state_dict().keys())
+        return keys
+
+
+MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet}
+
+
+def build_model(name: str = "unet", **kwargs: Any) -> nn.Module:
+    """Build a registered network by name (``MODEL_REGISTRY``); ``kwargs`` go to its constructor."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model '{name}'; available: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name](**kwargs)

@@ -1,0 +1,126 @@
+"""The run's machine-readable results under ``<run dir>/metrics/`` (pure file handling, no FLARE).
+
+Files:
+
+- ``round_metrics.csv``: one row per round and site: Dice of the global model the site received (per class and
+  mean), the site's training loss and sample count, and its local model's Dice after training.
+- ``fairness.csv``: one row per round: mean, worst site, std, max-min gap and Jain's index of per-site Dice.
+- ``cross_site_dice.csv``: the site-by-model Dice matrix of cross-site evaluation (rows: models, columns: sites).
+- ``metrics_summary.json``: all of the above in one document.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional
+
+from .metrics import fairness_summary
+
+METRICS_DIR = "metrics"
+SUMMARY_FILE = "metrics_summary.json"
+
+# names CrossSiteModelEval gives the server's models, and the names medflare reports them under
+SERVER_MODEL_NAMES = {"SRV_FL_global_model.pt": "global", "SRV_best_FL_global_model.pt": "best_global"}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    columns: List[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    lines = [",".join(columns)]
+    for row in rows:
+        lines.append(",".join(_fmt(row.get(c, "")) for c in columns))
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class RunSummary:
+    """Accumulates per-round and cross-site results of one run and writes them to ``<run_dir>/metrics``."""
+
+    def __init__(self, run_dir: str, key_metric: str = "dice") -> None:
+        self.dir = os.path.join(run_dir, METRICS_DIR)
+        self.key_metric = key_metric
+        path = os.path.join(self.dir, SUMMARY_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.data: Dict[str, Any] = json.load(f)
+        else:
+            self.data = {"key_metric": key_metric, "rounds": [], "cross_site": None}
+
+    def add_round(self, round_num: int, sites: Mapping[str, Mapping[str, Any]],
+                  aggregation_weights: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+        """Record one round: ``sites[site]`` holds that site's scalar metrics (must include the key metric)."""
+        scores = {s: m[self.key_metric] for s, m in sites.items() if self.key_metric in m}
+        entry = {"round": round_num, "sites": {s: dict(m) for s, m in sorted(sites.items())},
+                 "fairness": fairness_summary(scores) if scores else None,
+                 "aggregation_weights": dict(aggregation_weights or {})}
+        self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != round_num] + [entry]
+        self.data["rounds"].sort(key=lambda r: r["round"])
+        self.save()
+        return entry
+
+    def set_cross_site(self, results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Dict[str, Any]:
+        """Record cross-site evaluation, given as ``results[data_site][model_owner] = metrics``."""
+        matrix: Dict[str, Dict[str, float]] = {}
+        for data_site, by_model in results.items():
+            for owner, metrics in by_model.items():
+                if isinstance(metrics, Mapping) and self.key_metric in metrics:
+                    model = SERVER_MODEL_NAMES.get(owner, owner)
+                    matrix.setdefault(model, {})[data_site] = float(metrics[self.key_metric])
+        sites = sorted({s for row in matrix.values() for s in row})
+        local = [m for m in matrix if m not in SERVER_MODEL_NAMES.values()]
+        in_site = [matrix[m][m] for m in local if m in matrix[m]]
+        off = [v for m in local for s, v in matrix[m].items() if s != m]
+        cross = {
+            "key_metric": self.key_metric,
+            "sites": sites,
+            "matrix": matrix,
+            "global": fairness_summary(matrix["global"]) if matrix.get("global") else None,
+            "best_global": fairness_summary(matrix["best_global"]) if matrix.get("best_global") else None,
+            "local_in_site_mean": sum(in_site) / len(in_site) if in_site else None,
+            "local_cross_site_mean": sum(off) / len(off) if off else None,
+        }
+        self.data["cross_site"] = cross
+        rows = [{"model": m, **{s: matrix[m].get(s, "") for s in sites}} for m in sorted(matrix)]
+        _write_csv(os.path.join(self.dir, "cross_site_dice.csv"), rows)
+        self.save()
+        return cross
+
+    def save(self) -> None:
+        _atomic_write(os.path.join(self.dir, SUMMARY_FILE), json.dumps(self.data, indent=1, sort_keys=True))
+        round_rows, fair_rows = [], []
+        for entry in self.data["rounds"]:
+            for site, metrics in entry["sites"].items():
+                round_rows.append({"round": entry["round"], "site": site, **metrics})
+            if entry["fairness"]:
+                fair_rows.append({"round": entry["round"], **entry["fairness"]})
+        if round_rows:
+            _write_csv(os.path.join(self.dir, "round_metrics.csv"), round_rows)
+        if fair_rows:
+            _write_csv(os.path.join(self.dir, "fairness.csv"), fair_rows)
+
+
+def format_matrix(matrix: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table of a cross-site matrix (rows: models, columns: sites)."""
+    sites = sorted({s for row in matrix.values() for s in row})
+    lines = ["| model | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
+    for model in sorted(matrix):
+        cells = [f"{matrix[model][s]:.3f}" if s in matrix[model] else "" for s in sites]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Local training of a segmentation model (plain PyTorch; no FLARE in this module).
+
+:class:`SegmentationTrainer` runs E epochs of DiceCE training with an optional FedProx proximal term. Algorithms
+that change the local objective (for example adversarial feature alignment) subclass it and override
+:meth:`SegmentationTrainer.training_step`, reusing :meth:`SegmentationTrainer.optimise` for the common part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def fedprox_term(model: nn.Module, global_params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``0.5 * ||w - w_global||^2`` over the model's trainable parameters (multiply by mu outside)."""
+    total = None
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        diff = torch.sum((param - global_params[name].to(param.device)) ** 2)
+        total = diff if total is None else total + diff
+    return 0.5 * total
+
+
+@dataclass
+class TrainResult:
+    """Summary of one call to :meth:`SegmentationTrainer.fit`."""
+
+    steps: int = 0
+    epochs: int = 0
+    aborted: bool = False
+    losses: Dict[str, float] = field(default_factory=dict)  # mean of each loss term over the last epoch
+
+
+class SegmentationTrainer:
+    """DiceCE training of a segmentation model with an optional FedProx term.
+
+    Args:
+        model: network returning logits ``(B, num_classes, *spatial)``.
+        device: training device.
+        lr: Adam learning rate.
+        fedprox_mu: weight mu of the proximal term ``mu/2 * ||w - w_global||^2`` (0 disables it: FedAvg).
+        weight_decay: Adam weight decay.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, lr: float = 3e-3, fedprox_mu: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        if fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+        self.model = model.to(device)
+        self.device = device
+        self.fedprox_mu = fedprox_mu
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self._global_params: Optional[Dict[str, torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        """One optimisation step on a batch; returns the loss terms as floats."""
+        logits = self.model(images)
+        return self.optimise({"seg": self.loss_fn(logits, labels)})
+
+    def optimise(self, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Add the FedProx term, back-propagate the sum of ``terms`` and step the model's optimiser."""
+        if self.fedprox_mu > 0 and self._global_params is not None:
+            terms["prox"] = self.fedprox_mu * fedprox_term(self.model, self._global_params)
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite training loss: { {k: float(v) for k, v in terms.items()} }")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["loss"] = float(total.detach())
+        return out
+
+    def start_round(self) -> None:
+        """Called after the global weights are loaded and before the first step of a round."""
+        if self.fedprox_mu > 0:
+            self._global_params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, dataset: Dataset, epochs: int, batch_size: int, seed: int = 0,
+            should_stop: Callable[[], bool] = lambda: False,
+            on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+        """Train for ``epochs`` passes over ``dataset`` (shuffled with ``seed``); stops early if ``should_stop()``."""
+        self.start_round()
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+        result = TrainResult()
+        self.model.train()
+        for epoch in range(epochs):
+            sums: Dict[str, float] = {}
+            batches = 0
+            for batch in loader:
+                if should_stop():
+                    result.aborted = True
+                    return result
+                terms = self.training_step(batch["image"].to(self.device), batch["label"].to(self.device))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                batches += 1
+                result.steps += 1
+            result.epochs = epoch + 1
+            result.losses = {k: v / max(batches, 1) for k, v in sums.items()}
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, result.losses)
+        return result
