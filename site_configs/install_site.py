@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""Install the medflare site templates into one FLARE participant's ``local/`` folder, with the site's own values.
+
+Run by the admin of each site (hospital or server) on the machine that holds the site's startup kit, after
+unpacking the kit (production) or after ``nvflare poc prepare`` (POC, which wipes ``local/``)::
+
+    python site_configs/install_site.py KIT_DIR [--values FILE] [--set KEY=VALUE ...] [--dry-run]
+
+``KIT_DIR`` is the participant folder that holds ``startup/`` and ``local/``. Whether it is a server or a client
+kit, and the site's name, are read from ``startup/fed_server.json`` / ``startup/fed_client.json``.
+
+Files written into ``KIT_DIR/local/`` (from ``site_configs/templates/``):
+
+==========================  ======  ==============================================================================
+file                        sites   content
+==========================  ======  ==============================================================================
+``medflare_site.json``      client  which data the site trains on (datalist + data root + modality, or synthetic)
+``resources.json``          both    the kit's own ``resources.json.default`` with the template merged on top:
+                                    GPUs (client), job/snapshot storage (server), ``class_allow_list`` extended
+                                    by ``allowed_classes`` (site-installed medflare), enforcement mode
+``authorization.json``      both    who may submit jobs and who may ship code with a job (BYOC)
+``privacy.json``            client  result filters by privacy scope (what leaves the site)
+``custom/medflare/``        both    only with ``install_code: true``: the site-installed copy of the code
+==========================  ======  ==============================================================================
+
+Values come from ``--values FILE`` (a JSON object of the keys below, or ``{"sites": {"<site>": {...}}}``, or
+``{"defaults": {...}, "sites": {...}}``) and then ``--set KEY=VALUE`` (VALUE parsed as JSON when it parses, else
+taken as a string). Unknown keys, keys that do not apply to the kit's kind, and values of the wrong type are
+refused, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TEMPLATES = os.path.join(HERE, "templates")
+CODE_SOURCE = os.path.join(ROOT, "custom", "medflare")
+PLACEHOLDER = re.compile(r"\{\{([A-Za-z0-9_.]+)\}\}")
+ROLES = ("org_admin", "lead", "member")  # project_admin always has every right
+RIGHT_EXPRESSION = re.compile(r"^(any|none|[on]:(site|submitter))$")
+
+
+class InstallError(ValueError):
+    """The values or the kit are not acceptable; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------- value schema
+def _str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or _str(v)
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_str(x) for x in v)
+
+
+def _roles(v: Any) -> bool:
+    return isinstance(v, list) and all(x in ROLES for x in v)
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _exclude_vars(v: Any) -> bool:
+    return isinstance(v, str) or _str_list(v) or v == []
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+    kinds: Tuple[str, ...]
+    help: str
+
+
+FIELDS: Dict[str, Field] = {
+    # --- data (medflare_site.json); either datalist (+ the keys after it) or synthetic_modality
+    "datalist": Field(None, _opt_str, "path", ("client",),
+                      "MONAI/Decathlon datalist JSON of this site (relative paths: relative to local/)"),
+    "base_dir": Field(None, _opt_str, "path", ("client",),
+                      "root that the datalist's image/label paths are relative to (default: the datalist's folder)"),
+    "modality": Field(None, _opt_str, "string", ("client",), "imaging modality of this site (e.g. t1, ct)"),
+    "train_key": Field("training", _str, "string", ("client",), "datalist key of the training cases"),
+    "val_key": Field("validation", _str, "string", ("client",), "datalist key of the validation cases"),
+    "cache": Field(True, _bool, "true/false", ("client",), "cache preprocessed images in memory"),
+    "synthetic_modality": Field(None, _opt_str, "string", ("client",),
+                                "use the built-in synthetic benchmark rendered in this modality instead of a datalist"),
+    # --- resources.json
+    "num_of_gpus": Field(0, _count, "integer >= 0", ("client",), "GPUs this site offers to jobs"),
+    "mem_per_gpu_in_GiB": Field(0, _number, "number >= 0", ("client",), "memory per GPU offered to jobs"),
+    "allowed_classes": Field(["medflare."], _str_list, "list of class paths or prefixes ending in '.'",
+                             ("client", "server"),
+                             "added to the kit's class_allow_list: what jobs WITHOUT shipped code may instantiate "
+                             "([] refuses medflare jobs that rely on site-installed code)"),
+    "class_list_enforcement_mode": Field("enforce", _one_of("enforce", "warn"), "enforce or warn",
+                                         ("client", "server"), "refuse (enforce) or only log (warn) unlisted classes"),
+    "install_code": Field(False, _bool, "true/false", ("client", "server"),
+                          "copy custom/medflare into local/custom/ (site-installed code; shadows shipped copies)"),
+    "job_storage": Field(None, _opt_str, "path", ("server",), "where the server keeps submitted jobs and results"),
+    "snapshot_storage": Field(None, _opt_str, "path", ("server",), "where the server keeps job snapshots"),
+    # --- authorization.json
+    "submit_roles": Field(["lead"], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
+                          "roles (besides project_admin) that may submit and clone jobs; checked by the server"),
+    "byoc_roles": Field(["lead"], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
+                        "roles (besides project_admin) whose jobs may ship code (app/custom); checked by every site"),
+    # --- privacy.json
+    "privacy_scope": Field("medflare", _one_of("medflare", "exclude-vars", "percentile-privacy"),
+                           "medflare, exclude-vars or percentile-privacy", ("client",),
+                           "privacy scope applied to jobs that do not name one in their meta.json"),
+    "exclude_vars": Field([], _exclude_vars, "regex string or list of parameter names", ("client",),
+                          "parameters the exclude-vars scope removes from results"),
+    "percentile": Field(10, _number, "number in 0..100", ("client",), "percentile-privacy: percentile cutoff"),
+    "percentile_gamma": Field(0.01, _number, "number > 0", ("client",), "percentile-privacy: clipping bound"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the kit
+@dataclass(frozen=True)
+class Kit:
+    path: str
+    kind: str  # "server" or "client"
+    name: str
+
+    @property
+    def local(self) -> str:
+        return os.path.join(self.path, "local")
+
+
+def read_kit(path: str) -> Kit:
+    """Identify a provisioned FLARE participant folder (server or client)."""
+    path = os.path.abspath(path)
+    startup = os.path.join(path, "startup")
+    server_cfg = os.path.join(startup, "fed_server.json")
+    client_cfg = os.path.join(startup, "fed_client.json")
+    if os.path.isfile(client_cfg):
+        with open(client_cfg) as f:
+            cfg = json.load(f)
+        name = (cfg.get("client") or {}).get("fqsn") or os.path.basename(path)
+        kind = "client"
+    elif os.path.isfile(server_cfg):
+        name = os.path.basename(path)
+        kind = "server"
+    else:
+        raise InstallError(f"{path} is not a FLARE server or client startup kit "
+                           "(no startup/fed_server.json or startup/fed_client.json)")
+    if not os.path.isfile(os.path.join(path, "local", "resources.json.default")):
+        raise InstallError(f"{path}/local/resources.json.default is missing; install into a kit made by "
+                           "'nvflare provision' or 'nvflare poc prepare'")
+    return Kit(path=path, kind=kind, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- values
+def parse_assignment(text: str) -> Tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when possible (``2``, ``true``, ``["lead"]``), else a string."""
+    if "=" not in text:
+        raise InstallError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def select_site_values(raw: Any, site: str, source: str) -> Dict[str, Any]:
+    """The entry of ``site`` from a values file (plain, ``{"sites": ...}`` or ``{"defaults":..., "sites":...}``)."""
+    if not isinstance(raw, dict):
+        raise InstallError(f"{source}: expected a JSON object")
+    if "sites" not in raw and "defaults" not in raw:
+        return dict(raw)
+    extra = set(raw) - {"sites", "defaults"}
+    if extra:
+        raise InstallError(f"{source}: unknown top-level keys {sorted(extra)} next to 'sites'/'defaults'")
+    values = dict(raw.get("defaults") or {})
+    sites = raw.get("sites") or {}
+    if site not in sites and not raw.get("defaults"):
+        raise InstallError(f"{source} has no values for site '{site}' (it lists {sorted(sites)})")
+    values.update(sites.get(site) or {})
+    return values
+
+
+def resolve_values(kit: Kit, given: Dict[str, Any], source: str = "values") -> Dict[str, Any]:
+    """Check ``given`` against :data:`FIELDS` for this kit's kind and fill in the defaults."""
+    unknown = sorted(k for k in given if k not in FIELDS)
+    if unknown:
+        raise InstallError(f"{source}: unknown keys {unknown}; known keys: {sorted(FIELDS)}")
+    wrong_kind = sorted(k for k in given if kit.kind not in FIELDS[k].kinds)
+    if wrong_kind:
+        raise InstallError(f"{source}: {wrong_kind} do not apply to the {kit.kind} kit '{kit.name}'")
+    values = {}
+    for key, field in FIELDS.items():
+        if kit.kind not in field.kinds:
+            continue
+        value = given.get(key, copy.deepcopy(field.default))
+        if not field.check(value):
+            raise InstallError(f"{source}: '{key}' must be {field.expected}, got {value!r}")
+        values[key] = value
+    if kit.kind == "client":
+        if values["datalist"] and values["synthetic_modality"]:
+            raise InstallError(f"{source}: give either 'datalist' or 'synthetic_modality', not both")
+        if not values["datalist"]:
+            set_data = sorted(k for k in ("base_dir", "modality") if given.get(k) is not None)
+            if set_data:
+                raise InstallError(f"{source}: {set_data} need 'datalist'")
+        if not 0 <= values["percentile"] <= 100 or values["percentile_gamma"] <= 0:
+            raise InstallError(f"{source}: percentile must be in 0..100 and percentile_gamma > 0")
+    for prefix in values["allowed_classes"]:
+        if prefix != "*" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?", prefix):
+            raise InstallError(f"{source}: allowed_classes entry {prefix!r} is not a class path or package prefix")
+    return values
+
+
+def template_values(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Values as the templates name them: the schema's keys plus the rights derived from the role lists."""
+    out = dict(values)
+    for role in ROLES:
+        submit = role in values["submit_roles"]
+        out[f"submit_job.{role}"] = "any" if submit else "none"
+        out[f"clone_job.{role}"] = ("o:submitter" if role == "org_admin" else "n:submitter") if submit else "none"
+        out[f"byoc.{role}"] = "any" if role in values["byoc_roles"] else "none"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- templates
+def render(node: Any, values: Dict[str, Any], template: str) -> Any:
+    """Fill ``{{name}}`` placeholders. A string that is exactly one placeholder takes the value with its JSON
+    type; a key whose value renders to ``None`` is dropped (the default of the file it is merged into stays)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            r = render(v, values, template)
+            if r is not None:
+                out[k] = r
+        return out
+    if isinstance(node, list):
+        return [render(v, values, template) for v in node]
+    if isinstance(node, str):
+        names = PLACEHOLDER.findall(node)
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise InstallError(f"template {template} uses undefined values {missing}")
+        whole = PLACEHOLDER.fullmatch(node)
+        if whole:
+            return copy.deepcopy(values[whole.group(1)])
+        return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), node)
+    return node
+
+
+def load_template(name: str, values: Dict[str, Any]) -> Dict[str, Any]:
+    with open(os.path.join(TEMPLATES, name)) as f:
+        return render(json.load(f), values, name)
+
+
+def merge_resources(base: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]:
+    """``overlay`` merged onto the kit's ``resources.json.default``: nested objects merge key by key,
+    ``components`` merge by ``id``, ``class_allow_list`` entries are appended to the kit's list."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if key == "class_allow_list":
+            current = list(out.get(key) or [])
+            if not current:
+                from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+                current = list(DEFAULT_CLASS_ALLOW_LIST)
+            out[key] = current + [c for c in value if c not in current]
+        elif key == "components":
+            comps = out.setdefault("components", [])
+            for comp in value:
+                match = [c for c in comps if c.get("id") == comp["id"]]
+                if not match:
+                    raise InstallError(f"the kit's resources.json.default has no component '{comp['id']}' to adjust")
+                _merge_dict(match[0], {k: v for k, v in comp.items() if k != "id"}, f"components.{comp['id']}")
+        elif isinstance(value, dict):
+            if not isinstance(out.get(key), dict):
+                raise InstallError(f"the kit's resources.json.default has no '{key}' section to adjust")
+            _merge_dict(out[key], value, key)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_dict(target: Dict[str, Any], overlay: Dict[str, Any], where: str) -> None:
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            if not isinstance(target.get(key), dict):
+                raise InstallError(f"the kit's resources.json.default has no '{where}.{key}' section to adjust")
+            _merge_dict(target[key], value, f"{where}.{key}")
+        else:
+            target[key] = value
+
+
+def validate_authorization(policy: Dict[str, Any]) -> None:
+    """Parse the policy with FLARE's own parser (what the site does at start-up)."""
+    from nvflare.fuel.sec.authz import parse_policy_config
+    from nvflare.security.security import COMMAND_CATEGORIES
+
+    _, err = parse_policy_config(policy, COMMAND_CATEGORIES)
+    if err:
+        raise InstallError(f"authorization.json would be rejected by FLARE: {err}")
+
+
+def validate_site_data(kit: Kit, data: Dict[str, Any], check_files: bool) -> None:
+    """Validate medflare_site.json with medflare's own parser, and that the datalist exists."""
+    sys.path.insert(0, os.path.join(ROOT, "custom"))
+    try:
+        from medflare.data.datalist import DataError
+        from medflare.data.site_config import parse_site_config
+        from medflare.data.synthetic import DEFAULT_MODALITIES
+    finally:
+        sys.path.pop(0)
+    target = os.path.join(kit.local, "medflare_site.json")
+    try:
+        parsed = parse_site_config(data, kit.name, target, tuple(DEFAULT_MODALITIES))
+    except DataError as e:
+        raise InstallError(str(e)) from None
+    if check_files and parsed.datalist:
+        datalist = parsed.datalist
+        if not os.path.isabs(data["datalist"]):
+            datalist = os.path.join(kit.local, os.path.expanduser(data["datalist"]))
+        if not os.path.isfile(datalist):
+            raise InstallError(f"datalist {datalist} does not exist (use --no-data-check to install anyway)")
+
+
+# ---------------------------------------------------------------------------------------------- install
+def build_files(kit: Kit, values: Dict[str, Any], check_data: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The JSON files to write into ``local/``, by file name."""
+    tv = template_values(values)
+    files: Dict[str, Dict[str, Any]] = {}
+    if kit.kind == "client":
+        if values["datalist"]:
+            files["medflare_site.json"] = load_template("medflare_site.datalist.json", tv)
+        elif values["synthetic_modality"]:
+            files["medflare_site.json"] = load_template("medflare_site.synthetic.json", tv)
+        if "medflare_site.json" in files:
+            validate_site_data(kit, files["medflare_site.json"], check_data)
+        files["privacy.json"] = load_template("privacy.json", tv)
+    with open(os.path.join(kit.local, "resources.json.default")) as f:
+        base = json.load(f)
+    overlay = load_template(f"resources.{kit.kind}.json", tv)
+    files["resources.json"] = merge_resources(base, overlay)
+    files["authorization.json"] = load_template("authorization.json", tv)
+    validate_authorization(files["authorization.json"])
+    return files
+
+
+def install(kit_dir: str, given: Dict[str, Any], source: str = "values", check_data: bool = True,
+            dry_run: bool = False) -> Dict[str, Any]:
+    """Validate, then write the site's files into ``kit_dir/local``. Returns ``{"kit", "files", "removed"}``."""
+    kit = read_kit(kit_dir)
+    values = resolve_values(kit, given, source)
+    files = build_files(kit, values, check_data)
+    written: List[str] = []
+    removed: List[str] = []
+    if not dry_run:
+        for name, content in files.items():
+            path = os.path.join(kit.local, name)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(content, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+            written.append(path)
+        stale = os.path.join(kit.local, "medflare_site.json")
+        if kit.kind == "client" and "medflare_site.json" not in files and os.path.exists(stale):
+            os.remove(stale)
+            removed.append(stale)
+        code = os.path.join(kit.local, "custom", "medflare")
+        if values["install_code"]:
+            if os.path.exists(code):
+                shutil.rmtree(code)
+            shutil.copytree(CODE_SOURCE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            written.append(code)
+        elif os.path.exists(code):
+            shutil.rmtree(code)
+            removed.append(code)
+    return {"kit": kit, "values": values, "files": files, "written": written, "removed": removed}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kit", help="participant folder of the site (holds startup/ and local/)")
+    parser.add_argument("--values", help="JSON file of site values (plain, or keyed by site under 'sites')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one value (repeatable)")
+    parser.add_argument("--no-data-check", action="store_true", help="do not require the datalist to exist yet")
+    parser.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    parser.add_argument("--list-keys", action="store_true", help="list the accepted keys and exit")
+    args = parser.parse_args(argv)
+    if args.list_keys:
+        for key, field in FIELDS.items():
+            print(f"{key:28s} {'/'.join(field.kinds):14s} default {json.dumps(field.default):14s} {field.help}")
+        return 0
+    try:
+        kit = read_kit(args.kit)
+        given: Dict[str, Any] = {}
+        source = "--set"
+        if args.values:
+            with open(args.values) as f:
+                try:
+                    raw = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise InstallError(f"{args.values} is not valid JSON: {e}") from None
+            given = select_site_values(raw, kit.name, args.values)
+            source = args.values
+        for item in args.set:
+            key, value = parse_assignment(item)
+            given[key] = value
+        result = install(args.kit, given, source, check_data=not args.no_data_check, dry_run=args.dry_run)
+    except InstallError as e:
+        print(f"install_site: error: {e}", file=sys.stderr)
+        return 2
+    kit = result["kit"]
+    if args.dry_run:
+        for name, content in result["files"].items():
+            print(f"--- {kit.local}/{name}")
+            print(json.dumps(content, indent=2))
+        return 0
+    print(f"installed medflare site config for {kit.kind} '{kit.name}' into {kit.local}:")
+    for path in result["written"]:
+        print(f"  wrote   {os.path.relpath(path, kit.path)}")
+    for path in result["removed"]:
+        print(f"  removed {os.path.relpath(path, kit.path)}")
+    print("restart the site (or start it) for resources.json and authorization.json changes to take effect")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
