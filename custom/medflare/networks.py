@@ -41,19 +41,23 @@ class FeatureUNet(UNet):
                          channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, norm=norm,
                          dropout=dropout)
         self.feature_channels = int(channels[-1])
-        downs, self._bottleneck = self._split_encoder()
-        self._encoder_modules: List[nn.Module] = downs + [self._bottleneck]
+        # module *names*, not references: assigning a module attribute would register it twice in the state_dict
+        self._encoder_names: List[str] = self._encoder_module_names()
 
-    def _split_encoder(self) -> Tuple[List[nn.Module], nn.Module]:
-        """Walk MONAI's nested ``Sequential(down, SkipConnection(...), up)`` to the bottom layer."""
-        downs, node = [], self.model
+    def _encoder_module_names(self) -> List[str]:
+        """Walk MONAI's nested ``Sequential(down, SkipConnection(...), up)``: down blocks, then the bottom layer."""
+        names, prefix, node = [], "model", self.model
         while True:
-            downs.append(node[0])
+            names.append(f"{prefix}.0")
             sub = node[1].submodule
             if isinstance(sub, nn.Sequential) and len(sub) == 3 and isinstance(sub[1], SkipConnection):
-                node = sub
+                prefix, node = f"{prefix}.1.submodule", sub
             else:
-                return downs, sub
+                return names + [f"{prefix}.1.submodule"]
+
+    @property
+    def _bottleneck(self) -> nn.Module:
+        return self.get_submodule(self._encoder_names[-1])
 
     def forward_with_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits and bottleneck features ``(B, channels[-1], *reduced)``; both keep their autograd graph."""
@@ -84,12 +88,7 @@ class FeatureUNet(UNet):
 
     def encoder_keys(self) -> Set[str]:
         """``state_dict`` keys of the encoder path (down blocks and bottleneck)."""
-        module_names = {id(m): n for n, m in self.named_modules()}
-        keys: Set[str] = set()
-        for module in self._encoder_modules:
-            prefix = module_names[id(module)] + "."
-            keys.update(prefix + k for k in module.state_dict().keys())
-        return keys
+        return {f"{name}.{k}" for name in self._encoder_names for k in self.get_submodule(name).state_dict()}
 
 
 MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet}

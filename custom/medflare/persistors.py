@@ -31,12 +31,17 @@ class SegmentationModelPersistor(PTFileModelPersistor):
 
     Args:
         model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`).
+        seed: seed of the initial weights, so that runs of different methods start from the same model.
         **kwargs: passed to :class:`PTFileModelPersistor` (``source_ckpt_file_full_name`` resumes from a checkpoint).
     """
 
-    def __init__(self, model: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+    def __init__(self, model: Optional[Dict[str, Any]] = None, seed: int = 0, **kwargs: Any) -> None:
         spec = dict(model or {})
-        super().__init__(model=build_model(spec.pop("name", "unet"), **spec), **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = build_model(spec.pop("name", "unet"), **spec)
+        super().__init__(model=network, **kwargs)
+        self.seed = seed
 
     def save_model_file(self, save_path: str) -> None:
         check_finite_state(self.persistence_manager.to_persistence_dict()["model"])

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import (
@@ -95,6 +94,7 @@ class CheckPaird(MapTransform):
         values = torch.unique(torch.as_tensor(label))
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < self.spec.num_classes]
         if bad:
+            bad = [int(v) if v == int(v) else v for v in bad]
             raise DataError(f"{lab_file}: label values {bad[:5]} outside the declared classes "
                             f"0..{self.spec.num_classes - 1}")
         if not torch.isfinite(torch.as_tensor(image)).all():
@@ -157,37 +157,31 @@ def read_datalist(path: str, key: str, base_dir: Optional[str] = None) -> List[D
     return items
 
 
+def _load_one(transform: Compose, item: Dict[str, str]) -> Dict[str, Any]:
+    """Apply ``transform``, turning MONAI's wrapped errors back into a :class:`DataError` naming the files."""
+    try:
+        return transform(item)
+    except DataError:
+        raise
+    except Exception as e:  # MONAI wraps errors raised inside transforms
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise DataError(f"cannot load {item.get('image')} / {item.get('label')}: {cause}") from e
+
+
+class CheckedDataset(Dataset):
+    """Lazily loading dataset whose errors name the file at fault."""
+
+    def _transform(self, index: int) -> Dict[str, Any]:
+        return _load_one(self.transform, self.data[index])
+
+
 def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: bool = True) -> Dataset:
     """A dataset over ``items``. With ``cache`` every item is loaded and checked now and kept in memory."""
     transform = build_transforms(spec)
     if not cache:
-        return Dataset(list(items), transform=transform)
-    loaded = []
-    for item in items:
-        try:
-            loaded.append(transform(item))
-        except DataError:
-            raise
-        except Exception as e:  # MONAI wraps errors raised inside transforms
-            cause = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            if isinstance(cause, DataError):
-                raise cause from None
-            raise DataError(f"cannot load {item['image']} / {item['label']}: {cause}") from e
-    return Dataset(loaded)
-
-
-def stack_dataset(dataset: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, C, *spatial)`` and labels ``(N, 1, *spatial)`` of a small in-memory dataset."""
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
-    return images, labels
-
-
-def label_histogram(dataset: Dataset, num_classes: int) -> np.ndarray:
-    """Voxel count per class (for reporting)."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for i in range(len(dataset)):
-        counts += np.bincount(dataset[i]["label"].numpy().ravel(), minlength=num_classes)[:num_classes]
-    return counts
+        return CheckedDataset(list(items), transform=transform)
+    return Dataset([_load_one(transform, item) for item in items])

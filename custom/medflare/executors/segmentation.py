@@ -34,7 +34,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from ..data import DataError, ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
+from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
 from ..training import SegmentationTrainer
@@ -138,6 +138,7 @@ class SegmentationExecutor(Executor):
         self.trainer: Optional[SegmentationTrainer] = None
         self.local_weights: Optional[Dict[str, np.ndarray]] = None
         self.rounds_done = 0
+        self._setup_error: Optional[str] = None
         self._app_dir = ""
         self._local_dir: Optional[str] = None
         self._tb = None
@@ -213,11 +214,14 @@ class SegmentationExecutor(Executor):
             self._tb.add_scalar(tag, float(value), global_step=step)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        try:
-            self._ensure_ready(fl_ctx)
-        except DataError as e:
-            self.log_error(fl_ctx, f"data error: {e}")
-            self.system_panic(f"site '{self.site}' stopped: {e}", fl_ctx)
+        if self._setup_error is None:
+            try:
+                self._ensure_ready(fl_ctx)
+            except ValueError as e:  # DataError, or settings that do not fit this site's data
+                self._setup_error = str(e)
+        if self._setup_error is not None:
+            # the error reply makes the server stop the job (or carry on without this site, per its policy)
+            self.log_error(fl_ctx, f"site '{self.site}' cannot take part: {self._setup_error}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)

@@ -1,0 +1,112 @@
+"""Helpers for end-to-end tests that run medflare jobs in FLARE and check what a run leaves behind."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from sync_jobs import differences  # noqa: E402
+
+from medflare.networks import build_model  # noqa: E402
+
+NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
+ERROR_LINE = re.compile(r" - (ERROR|CRITICAL) - ")
+
+
+def prepare_job(name: str, dest: str, num_rounds: int = 2, client_args: Optional[Dict[str, Any]] = None,
+                server_args: Optional[Dict[str, Any]] = None) -> str:
+    """Copy ``jobs/<name>`` (with its shipped code, which must match ``custom/medflare``) into ``dest`` and
+    shorten it: ``num_rounds`` rounds, executor args updated with ``client_args``, top-level server keys with
+    ``server_args``."""
+    src = os.path.join(REPO, "jobs", name)
+    diffs = differences(os.path.join(src, "app"))
+    assert not diffs, f"jobs/{name} would ship stale code ({diffs[:3]}); run python tools/sync_jobs.py"
+    job = os.path.join(dest, name)
+    shutil.copytree(src, job, ignore=shutil.ignore_patterns("__pycache__"))
+    server_cfg = os.path.join(job, "app", "config", "config_fed_server.json")
+    with open(server_cfg) as f:
+        server = json.load(f)
+    server["num_rounds"] = num_rounds
+    server.update(server_args or {})
+    with open(server_cfg, "w") as f:
+        json.dump(server, f, indent=1)
+    if client_args:
+        client_cfg = os.path.join(job, "app", "config", "config_fed_client.json")
+        with open(client_cfg) as f:
+            client = json.load(f)
+        client["executors"][0]["executor"]["args"].update(client_args)
+        with open(client_cfg, "w") as f:
+            json.dump(client, f, indent=1)
+    return job
+
+
+def run_simulator(job: str, workspace: str, n_clients: int = 3, threads: Optional[int] = None,
+                  env: Optional[Dict[str, str]] = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """``nvflare simulator JOB -w WS -n N -t T`` in a subprocess; output goes to ``WS.out``."""
+    cmd = [NVFLARE, "simulator", job, "-w", workspace, "-n", str(n_clients), "-t", str(threads or n_clients)]
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("PYTHONPATH", None)  # the job must run on the code it ships
+    with open(workspace + ".out", "w") as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def error_lines(workspace: str) -> List[str]:
+    """ERROR/CRITICAL lines of every server and site log of a workspace."""
+    lines = []
+    for log in glob.glob(os.path.join(workspace, "**", "log.txt"), recursive=True):
+        with open(log, errors="replace") as f:
+            lines += [f"{os.path.relpath(log, workspace)}: {ln.strip()}" for ln in f if ERROR_LINE.search(ln)]
+    return lines
+
+
+def load_checkpoint_into_model(path: str, model_args: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
+    """Load a persisted global model into a freshly built network (fails if the keys or shapes differ)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model("unet", **(model_args or {}))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def check_run(run_dir: str, sites: Sequence[str], num_rounds: int,
+              model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Assert what every completed segmentation run must leave in its server run dir; returns the summary."""
+    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
+        path = os.path.join(run_dir, "app_server", name)
+        assert os.path.isfile(path), f"missing {name}"
+        load_checkpoint_into_model(path, model_args)
+    with open(os.path.join(run_dir, "cross_site_val", "cross_val_results.json")) as f:
+        cross = json.load(f)
+    assert sorted(cross) == sorted(sites), f"cross-site results cover {sorted(cross)}, expected {sorted(sites)}"
+    with open(os.path.join(run_dir, "metrics", "metrics_summary.json")) as f:
+        summary = json.load(f)
+    assert [r["round"] for r in summary["rounds"]] == list(range(num_rounds))
+    for entry in summary["rounds"]:
+        assert sorted(entry["sites"]) == sorted(sites)
+        assert entry["fairness"]["n_sites"] == len(sites)
+    matrix = summary["cross_site"]["matrix"]
+    for model in ["global", "best_global", *sites]:
+        assert sorted(matrix[model]) == sorted(sites), f"cross-site row {model} covers {sorted(matrix[model])}"
+    for name in ("round_metrics.csv", "fairness.csv", "cross_site_dice.csv"):
+        assert os.path.isfile(os.path.join(run_dir, "metrics", name)), f"missing metrics/{name}"
+    for site in sites:
+        assert glob.glob(os.path.join(run_dir, "tb_events", site, "events.*")), f"no TensorBoard events of {site}"
+    assert glob.glob(os.path.join(run_dir, "tb_events", "server", "events.*"))
+    return summary
+
+
+def initial_and_final_dice(summary: Dict[str, Any]) -> tuple:
+    """Mean Dice of the initial model (round 0, as the sites measured it) and of the final global model (CSE)."""
+    initial = summary["rounds"][0]["fairness"]["mean"]
+    final = summary["cross_site"]["global"]["mean"]
+    return initial, final
