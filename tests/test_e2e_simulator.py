@@ -12,7 +12,7 @@ ROUNDS = 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job_name", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_cyclic"])
 def test_job_runs_and_improves(job_name, tmp_path):
     job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
     ws = str(tmp_path / "ws")
@@ -24,6 +24,12 @@ def test_job_runs_and_improves(job_name, tmp_path):
     summary = check_run(os.path.join(ws, "server", "simulate_job"), SITES, ROUNDS)
     initial, final = initial_and_final_dice(summary)
     assert final > initial + 0.05, f"final mean Dice {final:.3f} not above the initial model's {initial:.3f}"
+    if job_name == "fedda_cyclic":  # round 1: every site aligns to its ring neighbour's round-0 encoder
+        assert "round 1 relay (site <- encoder of): site-1 <- site-3, site-2 <- site-1, site-3 <- site-2" in output
+    if job_name.startswith("fedda"):
+        with open(os.path.join(ws, "site-2", "log.txt")) as f:
+            expected = "encoder of site-1" if job_name == "fedda_cyclic" else "encoder of the global model"
+            assert f"round 1: aligning encoder features to the {expected}" in f.read()
     if job_name == "fedprox":
         with open(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "config", "config_fed_client.json")) as f:
             assert json.load(f)["executors"][0]["executor"]["args"]["fedprox_mu"] > 0

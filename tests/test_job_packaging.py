@@ -17,7 +17,7 @@ APPS = job_apps()
 
 def test_there_are_jobs():
     names = {os.path.basename(os.path.dirname(a)) for a in APPS}
-    assert {"fedavg", "fedprox"} <= names
+    assert {"fedavg", "fedprox", "fedda", "fedda_cyclic"} <= names
 
 
 @pytest.mark.parametrize("app", APPS, ids=[os.path.relpath(a, REPO) for a in APPS])

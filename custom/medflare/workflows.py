@@ -1,22 +1,27 @@
-"""ScatterAndGather controller that reports per-site metrics and their fairness summary every round."""
+"""ScatterAndGather controllers: per-round metrics and fairness reporting, and the ring relay of FedDA-cyclic."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Dict, Optional
 
-from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.controller_spec import Task
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import Shareable, make_copy
+from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .aggregators import AGGREGATION_WEIGHTS_KEY
+from .relay import encoder_part, relay_assignments
 from .results import RunSummary
 
 SITE_REPORT_KEY = "medflare_report"
+PEER_SITE_KEY = "medflare_peer_site"
 
 
 class MetricsScatterAndGather(ScatterAndGather):
@@ -95,3 +100,74 @@ class MetricsScatterAndGather(ScatterAndGather):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class RingRelayScatterAndGather(MetricsScatterAndGather):
+    """:class:`MetricsScatterAndGather` that also relays encoders around a ring of sites (FedDA-cyclic).
+
+    In each round site i receives, with the global model, the encoder that its ring neighbour (the previous site in
+    name order) trained in the previous round (see :mod:`medflare.relay`). A broadcast sends every site the same
+    data, so the train task is sent as one task per site with that site's payload: a ``COLLECTION`` DXO
+    ``{"global": <global weights>, "peer_encoder": <peer's encoder weights>}`` with meta ``peer_site``. In the first
+    round there is nothing to relay and the plain global model is broadcast.
+
+    The persistor's model must expose ``encoder_keys()`` (e.g. :class:`medflare.networks.FeatureUNet`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._encoders: Dict[str, Dict[str, Any]] = {}
+        self._incoming: Dict[str, Dict[str, Any]] = {}
+        self._encoder_keys: Optional[set] = None
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        super().start_controller(fl_ctx)
+        model = getattr(self.persistor, "model", None)
+        if not hasattr(model, "encoder_keys"):
+            self.system_panic("the ring relay needs a persistor whose model exposes encoder_keys()", fl_ctx)
+            return
+        self._encoder_keys = model.encoder_keys()
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
+                             is_unknown_task: bool = False) -> bool:
+        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+        if accepted and not is_unknown_task:
+            self._incoming[client_name] = encoder_part(from_shareable(result).data, self._encoder_keys)
+        return accepted
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == AppEventType.ROUND_DONE:
+            self._encoders, self._incoming = self._incoming, {}
+
+    def _payload(self, task_data: Shareable, peer: Optional[str]) -> Shareable:
+        if peer is None:
+            return make_copy(task_data)
+        collection = DXO(DataKind.COLLECTION,
+                         data={"global": from_shareable(task_data), "peer_encoder": DXO(DataKind.WEIGHTS,
+                                                                                          self._encoders[peer])},
+                         meta={PEER_SITE_KEY: peer})
+        return collection.update_shareable(make_copy(task_data))
+
+    def broadcast_and_wait(self, task: Task, fl_ctx: FLContext, targets=None, min_responses: int = 1,
+                           wait_time_after_min_received: int = 0, abort_signal: Optional[Signal] = None):
+        if task.name != self.train_task_name or not self._encoders:
+            return super().broadcast_and_wait(task, fl_ctx, targets, min_responses, wait_time_after_min_received,
+                                              abort_signal)
+        clients = [c if isinstance(c, str) else c.name for c in (targets or self._engine.get_clients())]
+        peers = relay_assignments(clients, self._encoders)
+        self.log_info(fl_ctx, f"round {self._current_round} relay (site <- encoder of): "
+                              + ", ".join(f"{s} <- {p or 'global'}" for s, p in sorted(peers.items())))
+        tasks = []
+        for client in clients:
+            site_task = Task(name=task.name, data=self._payload(task.data, peers[client]), props={},
+                             timeout=task.timeout, before_task_sent_cb=task.before_task_sent_cb,
+                             result_received_cb=task.result_received_cb)
+            self.send(site_task, fl_ctx, targets=[client])
+            tasks.append(site_task)
+        while any(t.completion_status is None for t in tasks):
+            if abort_signal is not None and abort_signal.triggered:
+                for t in tasks:
+                    self.cancel_task(t, fl_ctx=fl_ctx)
+                return
+            time.sleep(self._task_check_period)

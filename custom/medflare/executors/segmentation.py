@@ -41,7 +41,9 @@ from ..training import SegmentationTrainer
 from ..workflows import SITE_REPORT_KEY
 
 STATE_FILE = "medflare_client_state.pt"
-REPORTED_SCALARS = ("modality", "n_train", "n_val", "train_loss", "dice_local", "train_seconds")
+# scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
+# "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
+REPORTED_SCALARS = ("modality", "n_train", "n_val", "dice_local", "train_seconds", "train_<term>")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -148,7 +150,13 @@ class SegmentationExecutor(Executor):
         """The local trainer; algorithms that change the local objective return a subclass here."""
         return SegmentationTrainer(model, device, lr=self.lr, fedprox_mu=self.fedprox_mu)
 
-    def prepare_round(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> None:
+    def unpack_train_data(self, dxo: DXO) -> Dict[str, Any]:
+        """The global weights in a ``train`` task's DXO (subclasses accept richer payloads)."""
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ValueError(f"train task carries {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+        return dxo.data
+
+    def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
         """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
 
     def extra_state(self) -> Dict[str, Any]:
@@ -247,14 +255,14 @@ class SegmentationExecutor(Executor):
         dxo = from_shareable(shareable)
         rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
         n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
-        load_weights(self.model, dxo.data, f"global model of round {rnd}")
+        load_weights(self.model, self.unpack_train_data(dxo), f"global model of round {rnd}")
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
         self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model dice on '{self.site}' = "
                               f"{global_metrics['dice']:.4f}")
         for k, v in global_metrics.items():
             self._tb_scalar(f"global_{k}", v, rnd)
-        self.prepare_round(dxo, shareable, fl_ctx)
+        self.prepare_round(dxo, rnd, fl_ctx)
 
         def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
             step = rnd * self.local_epochs + epoch
@@ -277,8 +285,8 @@ class SegmentationExecutor(Executor):
         self._save_state()
 
         report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
-                  "train_loss": result.losses.get("loss", float("nan")), "dice_local": local_metrics["dice"],
-                  "train_seconds": round(seconds, 2)}
+                  "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
+                  **{f"train_{k}": v for k, v in result.losses.items()}}
         out = DXO(DataKind.WEIGHTS, data=self.local_weights)
         out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, len(self.data.train))
         out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)

@@ -1,0 +1,117 @@
+"""The executors, driven directly: what a site sends back, and state kept across worker restarts."""
+
+import numbers
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
+from medflare.networks import FeatureUNet
+from medflare.workflows import PEER_SITE_KEY, SITE_REPORT_KEY
+
+SMALL = {"synthetic": {"n_train": 8, "n_val": 4}, "batch_size": 4}
+ALLOWED_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, SITE_REPORT_KEY}
+
+
+def _executor(cls, tmp_path, site="site-1", **kwargs):
+    ex = cls(**SMALL, **kwargs)
+    ex.site, ex._app_dir, ex._local_dir, ex._tb = site, str(tmp_path), None, None
+    return ex
+
+
+def _train_task(weights, round_num=0, peer=None):
+    dxo = DXO(DataKind.WEIGHTS, data=weights)
+    if peer is not None:
+        dxo = DXO(DataKind.COLLECTION, data={"global": dxo, "peer_encoder": DXO(DataKind.WEIGHTS, data=peer[1])},
+                  meta={PEER_SITE_KEY: peer[0]})
+    s = dxo.to_shareable()
+    s.set_header(AppConstants.CURRENT_ROUND, round_num)
+    s.set_header(AppConstants.NUM_ROUNDS, 2)
+    return s
+
+
+def _global_weights():
+    return {k: v.numpy() for k, v in FeatureUNet().state_dict().items()}
+
+
+def _assert_only_weights_and_scalars(result, expected_keys):
+    dxo = from_shareable(result)
+    assert dxo.data_kind == DataKind.WEIGHTS
+    assert set(dxo.data) == expected_keys  # exactly the segmentation model: no discriminator, no features
+    assert all(isinstance(v, np.ndarray) for v in dxo.data.values())
+    meta = {k: v for k, v in dxo.meta.items() if not k.startswith("__")}
+    assert set(meta) <= ALLOWED_META, set(meta) - ALLOWED_META
+    assert isinstance(meta[MetaKey.NUM_STEPS_CURRENT_ROUND], int)
+    for group in (meta[MetaKey.INITIAL_METRICS], meta[SITE_REPORT_KEY]):
+        for key, value in group.items():
+            assert isinstance(value, (numbers.Number, str)), f"{key} is {type(value)}"
+    return dxo
+
+
+@pytest.mark.parametrize("cls", [SegmentationExecutor, AdversarialAlignmentExecutor])
+def test_train_sends_only_weights_and_declared_scalars(cls, tmp_path):
+    ex = _executor(cls, tmp_path)
+    weights = _global_weights()
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
+    dxo = _assert_only_weights_and_scalars(result, set(weights))
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 8
+    assert 0.0 <= dxo.get_meta_prop(MetaKey.INITIAL_METRICS)["dice"] <= 1.0
+    assert dxo.get_meta_prop(SITE_REPORT_KEY)["modality"] == "t1"
+
+
+def test_cyclic_payload_uses_peer_encoder(tmp_path):
+    ex = _executor(AdversarialAlignmentExecutor, tmp_path, warmup_rounds=0)
+    net = FeatureUNet()
+    peer = {k: v.numpy() + 1.0 for k, v in net.state_dict().items() if k in net.encoder_keys()}
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights(), 1, ("site-3", peer)),
+                        FLContext(), Signal())
+    _assert_only_weights_and_scalars(result, set(net.state_dict()))
+    target = ex.trainer.target_encoder.state_dict()
+    for k, v in peer.items():
+        np.testing.assert_allclose(target[k].numpy(), v)
+    assert "train_adv" in from_shareable(result).get_meta_prop(SITE_REPORT_KEY)
+
+
+def test_state_survives_a_new_worker(tmp_path):
+    first = _executor(AdversarialAlignmentExecutor, tmp_path)
+    first.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
+    disc = {k: v.clone() for k, v in first.trainer.discriminator.state_dict().items()}
+    second = _executor(AdversarialAlignmentExecutor, tmp_path)  # as if FLARE restarted the worker
+    submitted = second.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())
+    local = from_shareable(submitted).data
+    for k, v in first.local_weights.items():
+        np.testing.assert_array_equal(local[k], v)
+    assert second.rounds_done == 1
+    for k, v in second.trainer.discriminator.state_dict().items():
+        assert np.array_equal(v.numpy(), disc[k].numpy())
+
+
+def test_validate_and_unknown_task(tmp_path):
+    ex = _executor(SegmentationExecutor, tmp_path)
+    res = ex.execute(AppConstants.TASK_VALIDATION, DXO(DataKind.WEIGHTS, data=_global_weights()).to_shareable(),
+                     FLContext(), Signal())
+    metrics = from_shareable(res)
+    assert metrics.data_kind == DataKind.METRICS and set(metrics.data) >= {"dice", "dice_organ", "dice_lesion"}
+    assert ex.execute("nonsense", None, FLContext(), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
+    assert ex.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal()).get_return_code() == \
+        ReturnCode.EMPTY_RESULT
+
+
+def test_mismatched_global_model_is_reported(tmp_path):
+    ex = _executor(SegmentationExecutor, tmp_path)
+    bad = {k: v for k, v in _global_weights().items() if not k.startswith("model.2")}
+    res = ex.execute(AppConstants.TASK_TRAIN, _train_task(bad), FLContext(), Signal())
+    assert res.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+
+
+def test_unknown_site_fails_every_task(tmp_path):
+    ex = _executor(SegmentationExecutor, tmp_path, site="hospital-x")
+    for _ in range(2):
+        res = ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
+        assert res.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "unknown site 'hospital-x'" in ex._setup_error
