@@ -6,8 +6,6 @@ import glob
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -16,49 +14,17 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from sync_jobs import differences  # noqa: E402
+from jobtools import copy_job, run_simulator  # noqa: E402,F401
 
 from medflare.networks import build_model  # noqa: E402
 
-NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 ERROR_LINE = re.compile(r" - (ERROR|CRITICAL) - ")
 
 
 def prepare_job(name: str, dest: str, num_rounds: int = 2, client_args: Optional[Dict[str, Any]] = None,
                 server_args: Optional[Dict[str, Any]] = None) -> str:
-    """Copy ``jobs/<name>`` (with its shipped code, which must match ``custom/medflare``) into ``dest`` and
-    shorten it: ``num_rounds`` rounds, executor args updated with ``client_args``, top-level server keys with
-    ``server_args``."""
-    src = os.path.join(REPO, "jobs", name)
-    diffs = differences(os.path.join(src, "app"))
-    assert not diffs, f"jobs/{name} would ship stale code ({diffs[:3]}); run python tools/sync_jobs.py"
-    job = os.path.join(dest, name)
-    shutil.copytree(src, job, ignore=shutil.ignore_patterns("__pycache__"))
-    server_cfg = os.path.join(job, "app", "config", "config_fed_server.json")
-    with open(server_cfg) as f:
-        server = json.load(f)
-    server["num_rounds"] = num_rounds
-    server.update(server_args or {})
-    with open(server_cfg, "w") as f:
-        json.dump(server, f, indent=1)
-    if client_args:
-        client_cfg = os.path.join(job, "app", "config", "config_fed_client.json")
-        with open(client_cfg) as f:
-            client = json.load(f)
-        client["executors"][0]["executor"]["args"].update(client_args)
-        with open(client_cfg, "w") as f:
-            json.dump(client, f, indent=1)
-    return job
-
-
-def run_simulator(job: str, workspace: str, n_clients: int = 3, threads: Optional[int] = None,
-                  env: Optional[Dict[str, str]] = None, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """``nvflare simulator JOB -w WS -n N -t T`` in a subprocess; output goes to ``WS.out``."""
-    cmd = [NVFLARE, "simulator", job, "-w", workspace, "-n", str(n_clients), "-t", str(threads or n_clients)]
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("PYTHONPATH", None)  # the job must run on the code it ships
-    with open(workspace + ".out", "w") as out:
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, timeout=timeout, cwd=REPO)
+    """A shortened copy of ``jobs/<name>`` (see :func:`jobtools.copy_job`)."""
+    return copy_job(name, dest, num_rounds=num_rounds, client_args=client_args, server_args=server_args)
 
 
 def error_lines(workspace: str) -> List[str]:

@@ -1,0 +1,56 @@
+"""The comparison runner on a tiny sweep: runs, resumes, writes tables and plots."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import compare  # noqa: E402
+
+
+def test_parse_method_variants():
+    assert compare.parse_method("fedda") == ("fedda", {})
+    assert compare.parse_method("fedda:adv_weight=0.1,warmup_rounds=0") == (
+        "fedda", {"adv_weight": 0.1, "warmup_rounds": 0})
+    with pytest.raises(ValueError):
+        compare.parse_method("fedda:adv_weight")
+
+
+def test_scores_of_a_federated_and_a_local_record():
+    sites = ["site-1", "site-2"]
+    mods = {"site-1": "t1", "site-2": "ct"}
+    fed = {"sites": sites, "modalities": mods, "matrix": {
+        "global": {"site-1": 0.8, "site-2": 0.6}, "best_global": {"site-1": 0.7, "site-2": 0.7},
+        "site-1": {"site-1": 0.9, "site-2": 0.1}, "site-2": {"site-1": 0.3, "site-2": 0.7}}}
+    s = compare.scores(fed)
+    assert s["dice_t1"] == 0.8 and s["dice_ct"] == 0.6 and s["worst"] == 0.6
+    assert s["mean"] == pytest.approx(0.7)
+    assert s["in_site"] == pytest.approx(0.8) and s["cross_site"] == pytest.approx(0.2)
+    local = {"sites": sites, "modalities": mods, "matrix": {k: fed["matrix"][k] for k in sites}}
+    assert compare.scores(local)["mean"] == pytest.approx(0.8)  # each site's own model on its own data
+    pooled = {"sites": sites, "modalities": mods, "matrix": {"pooled": {"site-1": 0.5, "site-2": 0.9}}}
+    assert "in_site" not in compare.scores(pooled) and compare.scores(pooled)["worst"] == 0.5
+
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_resumes_and_reports(tmp_path):
+    out = str(tmp_path / "sweep")
+    synthetic = {"modalities": ["t1", "ct"], "n_train": 12, "n_val": 4}
+    lines = []
+    records = compare.sweep(["local", "pooled", "fedavg"], [0], 1, synthetic, out, log=lines.append)
+    assert [r["method"] for r in records] == ["local", "pooled", "fedavg"]
+    for name in ("results.md", "results.csv", "curves.png", "cross_site.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    table = open(os.path.join(out, "results.md")).read()
+    for method in ("local", "pooled", "fedavg"):
+        assert f"| {method} | 1 |" in table
+    assert "dice_t1" in table and "dice_ct" in table and "cross_site" in table
+    fed = records[2]
+    assert {"global", "site-1", "site-2"} <= set(fed["matrix"])  # no best model after a single round
+    assert all(0.0 <= v <= 1.0 for row in fed["matrix"].values() for v in row.values())
+    again = []
+    compare.sweep(["local", "pooled", "fedavg"], [0], 1, synthetic, out, log=again.append)
+    assert sum("already done" in line for line in again) == 3
