@@ -115,3 +115,16 @@ def test_unknown_site_fails_every_task(tmp_path):
         res = ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
         assert res.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert "unknown site 'hospital-x'" in ex._setup_error
+
+
+def test_3d_pipeline(tmp_path):
+    """The same executor trains a 3D UNet on the 3D variant of the benchmark."""
+    ex = SegmentationExecutor(spatial_dims=3, spatial_size=(32, 32, 32), batch_size=2,
+                              synthetic={"n_train": 4, "n_val": 2, "size": 32},
+                              model={"channels": (8, 16), "strides": (2,)})
+    ex.site, ex._app_dir, ex._local_dir, ex._tb = "site-2", str(tmp_path), None, None
+    weights = {k: v.numpy() for k, v in FeatureUNet(spatial_dims=3, channels=(8, 16), strides=(2,)).state_dict().items()}
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
+    dxo = _assert_only_weights_and_scalars(result, set(weights))
+    assert dxo.data["model.0.conv.unit0.conv.weight"].ndim == 5
+    assert dxo.get_meta_prop(SITE_REPORT_KEY)["modality"] == "t2"
