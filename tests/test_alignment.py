@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from monai.data import Dataset
 from torch import nn
 
 from medflare.alignment import (
@@ -15,6 +14,7 @@ from medflare.alignment import (
 )
 from medflare.networks import FeatureUNet
 from medflare.relay import encoder_part, relay_assignments
+from toys import square_dataset
 
 
 def test_discriminator_learns_to_separate_shifted_features():
@@ -69,27 +69,15 @@ def test_encoder_update_lowers_discriminator_accuracy():
     assert before > 0.9 and after < before - 0.2
 
 
-def _toy(n=8, size=32):
-    rs = np.random.RandomState(0)
-    items = []
-    for _ in range(n):
-        lab = np.zeros((1, size, size), np.int64)
-        y, x = rs.randint(4, size - 12, 2)
-        lab[0, y:y + 8, x:x + 8] = 1
-        items.append({"image": torch.as_tensor(lab.astype(np.float32) + 0.1 * rs.randn(1, size, size).astype(np.float32)),
-                      "label": torch.as_tensor(lab)})
-    return Dataset(items)
-
-
 def test_adversarial_trainer_trains_and_keeps_discriminator_state():
     torch.manual_seed(0)
     net = FeatureUNet(out_channels=2, channels=(8, 16), strides=(2,))
     trainer = AdversarialSegmentationTrainer(net, torch.device("cpu"), adv_weight=0.1, disc_hidden=8, lr=1e-2)
     with pytest.raises(RuntimeError, match="set_target"):
-        trainer.fit(_toy(), 1, 4)
+        trainer.fit(square_dataset(8), 1, 4)
     trainer.set_target(net.state_dict())
     before = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
-    result = trainer.fit(_toy(), 2, 4)
+    result = trainer.fit(square_dataset(8), 2, 4)
     assert {"seg", "adv", "disc", "disc_acc", "loss"} <= set(result.losses)
     assert any(not torch.equal(before[k], v) for k, v in trainer.discriminator.state_dict().items())
     # the target encoder is frozen and unchanged by training

@@ -1,12 +1,11 @@
-import numpy as np
 import pytest
 import torch
-from monai.data import Dataset
 from monai.networks.nets import UNet
 
 from medflare.networks import FeatureUNet, build_model
 from medflare.persistors import CheckpointError, check_finite_state
 from medflare.training import SegmentationTrainer, fedprox_term
+from toys import square_dataset
 
 
 def test_feature_unet_exposes_bottleneck_2d_and_3d():
@@ -43,23 +42,11 @@ def test_checkpoints_load_into_plain_monai_unet():
         build_model("resnet-xyz")
 
 
-def _toy_dataset(n=16, size=32):
-    rs = np.random.RandomState(0)
-    items = []
-    for _ in range(n):
-        lab = np.zeros((1, size, size), np.int64)
-        y, x = rs.randint(6, size - 12, 2)
-        lab[0, y:y + 8, x:x + 8] = 1
-        img = lab.astype(np.float32) + 0.1 * rs.normal(size=lab.shape).astype(np.float32)
-        items.append({"image": torch.as_tensor(img), "label": torch.as_tensor(lab)})
-    return Dataset(items)
-
-
 def test_trainer_lowers_the_loss():
     torch.manual_seed(0)
     net = FeatureUNet(out_channels=2, channels=(8, 16), strides=(2,))
     trainer = SegmentationTrainer(net, torch.device("cpu"), lr=1e-2)
-    ds = _toy_dataset()
+    ds = square_dataset()
     first = trainer.fit(ds, epochs=1, batch_size=8)
     last = trainer.fit(ds, epochs=5, batch_size=8)
     assert first.steps == 2 and last.steps == 10 and last.epochs == 5
@@ -68,7 +55,7 @@ def test_trainer_lowers_the_loss():
 
 def test_trainer_honours_stop_request():
     net = FeatureUNet(out_channels=2, channels=(8, 16), strides=(2,))
-    result = SegmentationTrainer(net, torch.device("cpu")).fit(_toy_dataset(), 3, 4, should_stop=lambda: True)
+    result = SegmentationTrainer(net, torch.device("cpu")).fit(square_dataset(), 3, 4, should_stop=lambda: True)
     assert result.aborted and result.steps == 0
 
 
@@ -86,7 +73,7 @@ def test_fedprox_term_and_pull_towards_global():
         torch.manual_seed(0)
         model = FeatureUNet(out_channels=2, channels=(8, 16), strides=(2,))
         start = {k: v.detach().clone() for k, v in model.named_parameters()}
-        SegmentationTrainer(model, torch.device("cpu"), lr=1e-2, fedprox_mu=mu).fit(_toy_dataset(), 2, 4)
+        SegmentationTrainer(model, torch.device("cpu"), lr=1e-2, fedprox_mu=mu).fit(square_dataset(), 2, 4)
         drift[mu] = float(fedprox_term(model, start).detach())
     assert drift[100.0] < 0.5 * drift[0.0]
     with pytest.raises(ValueError):
@@ -98,7 +85,7 @@ def test_trainer_refuses_nan_loss():
     with torch.no_grad():
         next(net.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
-        SegmentationTrainer(net, torch.device("cpu")).fit(_toy_dataset(4), 1, 4)
+        SegmentationTrainer(net, torch.device("cpu")).fit(square_dataset(4), 1, 4)
 
 
 def test_persistor_refuses_non_finite_checkpoint():
