@@ -118,3 +118,17 @@ def test_encoder_part_selects_only_encoder_weights():
     assert set(enc) == net.encoder_keys() and len(enc) < len(weights)
     with pytest.raises(KeyError):
         encoder_part({}, net.encoder_keys())
+
+
+def test_relay_state_is_part_of_the_controller_snapshot():
+    from nvflare.apis.fl_context import FLContext
+
+    from medflare.workflows import RingRelayScatterAndGather
+
+    ctl = RingRelayScatterAndGather(min_clients=2, num_rounds=3)
+    ctl._encoders = {"site-1": {"w": np.ones(2)}}
+    state = ctl.get_persist_state(FLContext())
+    resumed = RingRelayScatterAndGather(min_clients=2, num_rounds=3)
+    resumed.restore(state, FLContext())
+    assert list(resumed._encoders) == ["site-1"]
+    np.testing.assert_array_equal(resumed._encoders["site-1"]["w"], np.ones(2))

@@ -171,3 +171,13 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
                     self.cancel_task(t, fl_ctx=fl_ctx)
                 return
             time.sleep(self._task_check_period)
+
+    def get_persist_state(self, fl_ctx: FLContext) -> dict:
+        """FLARE's snapshot of the controller also keeps the encoders to relay, so a resumed run relays them."""
+        state = super().get_persist_state(fl_ctx)
+        state["relay_encoders"] = self._encoders
+        return state
+
+    def restore(self, state_data: dict, fl_ctx: FLContext) -> None:
+        super().restore(state_data, fl_ctx)
+        self._encoders = state_data.get("relay_encoders") or {}
