@@ -169,3 +169,32 @@ def test_load_site_data_prefixes_site_name(site_dir, tmp_path):
     cfg = resolve_site_config("hospital-a", str(local), SMALL.modalities)
     with pytest.raises(DataError, match=r"site 'hospital-a' .*val_0001.nii.gz"):
         load_site_data(cfg, SPEC, SMALL)
+
+
+def test_dicom_with_ct_window(tmp_path):
+    """A CT slice in DICOM (HU) with a NIfTI label, scaled by a CT window."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom import examples
+
+    ds = examples.ct
+    ds.save_as(str(tmp_path / "slice.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    nib.save(nib.Nifti1Image((hu > 0).astype(np.uint8).T, np.eye(4)), str(tmp_path / "slice_seg.nii.gz"))
+    dl = tmp_path / "ct.json"
+    entry = {"image": "slice.dcm", "label": "slice_seg.nii.gz"}
+    dl.write_text(json.dumps({"training": [entry], "validation": [entry]}))
+    spec = ImageSpec(num_classes=2, spatial_size=(64, 64), intensity="window", window=(-160.0, 240.0))
+    item = load_items(read_datalist(str(dl), "training"), spec)[0]
+    assert item["image"].shape == (1, 64, 64)
+    assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
+    assert 0 < int(item["label"].sum()) < 64 * 64
+    assert pydicom is not None
+
+
+def test_auto_cache_follows_the_memory_budget(site_dir, monkeypatch):
+    from medflare.data.datalist import CACHE_LIMIT_ENV, CheckedDataset
+
+    items = read_datalist(site_dir.datalist, "training")
+    assert not isinstance(load_items(items, SPEC, cache="auto"), CheckedDataset)
+    monkeypatch.setenv(CACHE_LIMIT_ENV, "0.000001")  # ~1 kB: 6 images of 64x64 do not fit
+    assert isinstance(load_items(items, SPEC, cache="auto"), CheckedDataset)

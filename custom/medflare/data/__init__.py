@@ -37,7 +37,7 @@ def load_site_data(config: SiteDataConfig, spec: ImageSpec, synthetic: Synthetic
     try:
         if config.synthetic_index is not None:
             generated = ensure_site_dataset(synthetic, config.synthetic_index, cache_dir)
-            datalist, base_dir, train_key, val_key, cache = generated.datalist, None, "training", "validation", True
+            datalist, base_dir, train_key, val_key, cache = generated.datalist, None, "training", "validation", "auto"
         else:
             datalist, base_dir = config.datalist, config.base_dir
             train_key, val_key, cache = config.train_key, config.val_key, config.cache

@@ -179,9 +179,29 @@ class CheckedDataset(Dataset):
         return _load_one(self.transform, self.data[index])
 
 
-def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: bool = True) -> Dataset:
-    """A dataset over ``items``. With ``cache`` every item is loaded and checked now and kept in memory."""
+CACHE_LIMIT_ENV = "MEDFLARE_CACHE_LIMIT_GB"
+
+
+def _fits_in_memory(first: Dict[str, Any], n_items: int) -> bool:
+    """Whether ``n_items`` items like ``first`` fit the in-memory budget (``$MEDFLARE_CACHE_LIMIT_GB``, default 4)."""
+    per_item = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
+    return per_item * n_items <= float(os.environ.get(CACHE_LIMIT_ENV, "4")) * 1024 ** 3
+
+
+def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: Any = "auto") -> Dataset:
+    """A dataset over ``items``.
+
+    Args:
+        items: datalist entries with absolute paths.
+        spec: the job's image settings.
+        cache: ``True`` loads and checks every item now and keeps it in memory; ``False`` loads lazily (each item
+            is checked when read); ``"auto"`` caches when the data fits the memory budget.
+    """
     transform = build_transforms(spec)
+    items = list(items)
+    if cache == "auto":
+        first = _load_one(transform, items[0]) if items else {}
+        cache = _fits_in_memory(first, len(items))
     if not cache:
-        return CheckedDataset(list(items), transform=transform)
+        return CheckedDataset(items, transform=transform)
     return Dataset([_load_one(transform, item) for item in items])

@@ -12,7 +12,10 @@ can serve every site of a simulation (the simulator copies ``local/`` to every s
 datalist::
 
     {"datalist": "/data/brats/site-1.json", "base_dir": "/data/brats", "modality": "t1",
-     "train_key": "training", "val_key": "validation", "cache": true}
+     "train_key": "training", "val_key": "validation", "cache": "auto"}
+
+``cache``: ``true`` keeps the loaded data in memory, ``false`` reads it lazily, ``"auto"`` (default) caches when it
+fits ``$MEDFLARE_CACHE_LIMIT_GB`` (default 4).
 
 or a synthetic modality, for a custom site name::
 
@@ -49,7 +52,7 @@ class SiteDataConfig:
     base_dir: Optional[str] = None
     train_key: str = "training"
     val_key: str = "validation"
-    cache: bool = True
+    cache: Any = "auto"
     modality: Optional[str] = None
     synthetic_modality: Optional[str] = None
     synthetic_index: Optional[int] = None
@@ -99,7 +102,7 @@ def parse_site_config(raw: Dict[str, Any], site: str, source: str,
         base_dir = os.path.join(base, os.path.expanduser(base_dir))
     return SiteDataConfig(site=site, source=source, datalist=datalist, base_dir=base_dir,
                           train_key=entry.get("train_key", "training"), val_key=entry.get("val_key", "validation"),
-                          cache=bool(entry.get("cache", True)), modality=entry.get("modality"))
+                          cache=entry.get("cache", "auto"), modality=entry.get("modality"))
 
 
 def synthetic_site_index(site: str, n_sites: int) -> int:
