@@ -390,6 +390,9 @@ def install(kit_dir: str, given: Dict[str, Any], source: str = "values", check_d
         if kit.kind == "client" and "medflare_site.json" not in files and os.path.exists(stale):
             os.remove(stale)
             removed.append(stale)
+        # local/custom/ is put on the site's Python path only if it exists when the site starts; keeping it
+        # present lets a later install_code run take effect for the next job without a restart.
+        os.makedirs(os.path.join(kit.local, "custom"), exist_ok=True)
         code = os.path.join(kit.local, "custom", "medflare")
         if values["install_code"]:
             if os.path.exists(code):
