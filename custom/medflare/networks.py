@@ -99,3 +99,8 @@ def build_model(name: str = "unet", **kwargs: Any) -> nn.Module:
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model '{name}'; available: {sorted(MODEL_REGISTRY)}")
     return MODEL_REGISTRY[name](**kwargs)
+
+# classifiers of the fairness suite (medflare.classification.models)
+from .classification.models import CLASSIFIER_REGISTRY  # noqa: E402
+
+MODEL_REGISTRY.update(CLASSIFIER_REGISTRY)

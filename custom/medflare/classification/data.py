@@ -1,0 +1,124 @@
+"""Which classification data a site uses: resolved at the site, never by editing the job.
+
+Same lookup as segmentation (:mod:`medflare.data.site_config`): ``<site>/local/medflare_site.json``, then the file
+named by ``MEDFLARE_SITE_CONFIG``, then the built-in synthetic benchmark (sites ``site-1..site-N``). A config holds
+one site's settings or ``{"sites": {"<site>": {...}}}``. A classification site's settings are either
+
+- ``{"synthetic": {"quality": "blur"}}``: a part of the synthetic benchmark (the job's ``synthetic`` settings; the
+  site takes the first benchmark site of that quality), or
+- a real data source read by :mod:`medflare.classification.loaders`, e.g.
+  ``{"format": "image_list", "train": "train.csv", "val": "val.csv"}``,
+  ``{"format": "isic", "csv": "labels.csv", "image_dir": "images", "val_fraction": 0.2}``,
+  ``{"format": "rsna", "csv": "labels.csv", "dicom_dir": "dicom", "window": [40, 80]}``,
+  optionally with ``"global_test": {"clean": <same kind of source>, "corrupted": <source>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ..data.datalist import DataError
+from ..data.site_config import SITE_CONFIG_ENV, SITE_CONFIG_FILE, _site_entry, synthetic_site_index
+from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
+from .training import ArrayDataset
+
+
+@dataclass
+class ClsSiteData:
+    """A site's training/validation data, optional global test sets, and where they came from."""
+
+    site: str
+    source: str
+    quality: str
+    train: ArrayDataset
+    val: ArrayDataset
+    num_classes: int
+    global_test: Dict[str, ArrayDataset] = field(default_factory=dict)
+
+    @property
+    def class_counts(self):
+        return class_counts(self.train.labels.numpy(), self.num_classes)
+
+
+def _read_config(site: str, local_dir: Optional[str]) -> Optional[tuple]:
+    candidates = [os.path.join(local_dir, SITE_CONFIG_FILE)] if local_dir else []
+    env = os.environ.get(SITE_CONFIG_ENV)
+    if env:
+        if not os.path.isfile(env):
+            raise DataError(f"{SITE_CONFIG_ENV} points to a missing file: {env}")
+        candidates.append(env)
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"site config {path} is not valid JSON: {e}") from e
+            if not isinstance(raw, dict):
+                raise DataError(f"{path}: expected a JSON object")
+            return _site_entry(raw, site, path), path
+    return None
+
+
+def _synthetic(config: SyntheticClsConfig, index: int, site: str, source: str, with_test: bool,
+               cache_dir: Optional[str]) -> ClsSiteData:
+    arrays = load_site_arrays(config, index, cache_dir)
+    test = {}
+    if with_test and config.n_test > 0:
+        t = load_global_test(config, cache_dir)
+        test = {"clean": ArrayDataset(t["clean"], t["labels"]), "corrupted": ArrayDataset(t["corrupted"], t["labels"])}
+    return ClsSiteData(site=site, source=source, quality=config.qualities[index],
+                       train=ArrayDataset(arrays["train_x"], arrays["train_y"]),
+                       val=ArrayDataset(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test)
+
+
+def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: SyntheticClsConfig, num_classes: int = 4,
+                       in_channels: int = 1, spatial_size=(64, 64), with_global_test: bool = True,
+                       cache_dir: Optional[str] = None) -> ClsSiteData:
+    """Resolve and load a site's classification data (see the module docstring).
+
+    Raises:
+        DataError: naming the site and the file or key at fault.
+    """
+    found = _read_config(site, local_dir)
+    if found is None:
+        index = synthetic_site_index(site, synthetic.n_sites)
+        return _synthetic(synthetic, index, site, "built-in synthetic benchmark", with_global_test, cache_dir)
+    entry, path = found
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: settings of site '{site}' must be a JSON object")
+    if "synthetic" in entry:
+        quality = (entry["synthetic"] or {}).get("quality")
+        if quality not in synthetic.qualities:
+            raise DataError(f"{path}: site '{site}' asks for synthetic quality {quality!r}; "
+                            f"this job's benchmark has {list(synthetic.qualities)}")
+        return _synthetic(synthetic, list(synthetic.qualities).index(quality), site, path, with_global_test,
+                          cache_dir)
+    from .loaders import load_source  # real data only
+
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        train, val = load_source(entry, base, num_classes, in_channels, spatial_size)
+        test = {}
+        if with_global_test and entry.get("global_test"):
+            for name, spec in entry["global_test"].items():
+                test[name] = load_source({**spec, "val_fraction": 0.0}, base, num_classes, in_channels,
+                                         spatial_size)[0]
+    except DataError as e:
+        raise DataError(f"site '{site}' ({path}): {e}") from None
+    return ClsSiteData(site=site, source=path, quality=str(entry.get("quality", "")), train=train, val=val,
+                       num_classes=num_classes, global_test=test)
+
+
+def synthetic_config(settings: Optional[Dict[str, Any]]) -> SyntheticClsConfig:
+    """The job's ``synthetic`` settings: :class:`SyntheticClsConfig` fields, or the paper-like setting when
+    ``n_clients`` is given (``n_clients, n_corrupted, severity, alpha`` + config fields)."""
+    settings = dict(settings or {})
+    if "n_clients" in settings:
+        from .synthetic import paper_setting
+
+        return paper_setting(**settings)
+    return SyntheticClsConfig(**settings)

@@ -1,0 +1,178 @@
+"""Local training and evaluation of a classifier (plain PyTorch; no FLARE in this module).
+
+- :class:`ArrayDataset`: in-memory ``{"image", "label"}`` items.
+- :func:`classification_metrics` / :func:`evaluate_classifier`: accuracy, balanced accuracy, macro one-vs-rest
+  AUC (over the classes present in the labels; rank-based, ties averaged) and mean CE.
+- :class:`ClassificationTrainer`: one training path for every method: logit-adjusted CE from the site's class
+  counts, optimised by Adam (the baselines) or GSAM around Adam (FedISM, FedISM+), ``rho`` settable per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..sam import GSAM, LogitAdjustedCE
+
+
+class ArrayDataset(Dataset):
+    """Images ``(N, C, *spatial)`` and integer labels ``(N,)`` held in memory."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> Optional[float]:
+    """Macro one-vs-rest ROC AUC over classes that have both positives and negatives (None if none has)."""
+    labels = np.asarray(labels)
+    aucs = []
+    for c in range(probs.shape[1]):
+        pos = labels == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        scores = probs[:, c]
+        order = np.argsort(scores, kind="mergesort")
+        ranks = np.empty(len(scores), dtype=np.float64)
+        sorted_scores = scores[order]
+        i = 0
+        while i < len(scores):  # average ranks over ties
+            j = i
+            while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+                j += 1
+            ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+            i = j + 1
+        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else None
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
+    """``acc``, ``bacc`` (mean recall over the classes present), ``auc`` (macro OvR; omitted if undefined),
+    ``loss`` (mean CE) and ``n_images``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(labels) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    pred = logits.argmax(axis=1)
+    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)]
+    out = {"acc": float(np.mean(pred == labels)), "bacc": float(np.mean(recalls)),
+           "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])), "n_images": int(len(labels))}
+    auc = macro_auc(labels, np.exp(log_probs))
+    if auc is not None:
+        out["auc"] = auc
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 64):
+    """Logits and labels of ``dataset`` in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits.append(model(batch["image"].to(device)).float().cpu().numpy())
+        labels.append(batch["label"].view(-1).numpy())
+    model.train(was_training)
+    if not logits:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device,
+                        batch_size: int = 64) -> Dict[str, float]:
+    logits, labels = predict(model, dataset, device, batch_size)
+    return classification_metrics(labels, logits)
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    epochs: int = 0
+    aborted: bool = False
+    losses: Dict[str, float] = field(default_factory=dict)
+
+
+class ClassificationTrainer:
+    """Logit-adjusted CE training with Adam or GSAM(Adam).
+
+    Args:
+        model: the classifier.
+        device: training device.
+        class_counts: the site's training class counts (prior of the logit adjustment).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        optimizer: ``"adam"`` or ``"gsam"``.
+        rho: GSAM perturbation radius (overridable per round with :meth:`set_rho`).
+        gsam_alpha: GSAM decomposition coefficient.
+        tau: logit-adjustment temperature (0 = plain CE).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, class_counts: Sequence[int], lr: float = 1e-3,
+                 weight_decay: float = 5e-4, optimizer: str = "adam", rho: float = 0.05, gsam_alpha: float = 0.1,
+                 tau: float = 1.0) -> None:
+        if optimizer not in ("adam", "gsam"):
+            raise ValueError(f"optimizer must be 'adam' or 'gsam', got {optimizer!r}")
+        self.model = model.to(device)
+        self.device = device
+        self.kind = optimizer
+        self.loss_fn = LogitAdjustedCE(class_counts, tau=tau) if tau > 0 else nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.9, 0.999),
+                                          weight_decay=weight_decay)
+        self.gsam = GSAM(self.model.parameters(), self.optimizer, rho=rho, alpha=gsam_alpha)
+
+    def set_rho(self, rho: float) -> None:
+        self.gsam.rho = float(rho)
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        if self.kind == "gsam":
+            loss, loss_p = self.gsam.step(self.model, lambda: self.loss_fn(self.model(images), labels))
+            return {"loss": loss, "loss_perturbed": loss_p}
+        loss = self.loss_fn(self.model(images), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {float(loss)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    def fit(self, dataset: Dataset, epochs: int, batch_size: int, seed: int = 0,
+            should_stop: Callable[[], bool] = lambda: False,
+            on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                            drop_last=len(dataset) > batch_size and len(dataset) % batch_size == 1)
+        result = TrainResult()
+        self.model.train()
+        for epoch in range(epochs):
+            sums: Dict[str, float] = {}
+            batches = 0
+            for batch in loader:
+                if should_stop():
+                    result.aborted = True
+                    return result
+                terms = self.training_step(batch["image"].to(self.device), batch["label"].to(self.device).view(-1))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                batches += 1
+                result.steps += 1
+            result.epochs = epoch + 1
+            result.losses = {k: v / max(batches, 1) for k, v in sums.items()}
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, result.losses)
+        return result

@@ -1,0 +1,304 @@
+"""FLARE Executor for federated classification under quality shift: one training path, many reports.
+
+Per ``train`` task of round t the site:
+
+1. loads the received global model ``w^t`` (and reads its meta: last round's aggregation weights),
+2. measures on its *training* set what the server rules need (see :data:`REPORTED_SCALARS`): the loss and
+   balanced accuracy of ``w^t`` (q-FedAvg, AFL, FairFed), the sharpness ``S_i = L_i(w^t + eps) - L_i(w^t)`` with
+   ``eps = rho_t g / ||g||`` (FedISM), the loss of its own previous local model (FedGA) and the balanced accuracy of
+   FedCE's minus model ``(w^t - c_i w_i^t) / (1 - c_i)``,
+3. evaluates ``w^t`` on its held-out split (balanced accuracy, accuracy, macro AUC: the *initial metrics* that drive
+   model selection and the server's fairness report) and, if it holds them, on the global clean and corrupted test
+   sets,
+4. trains ``local_epochs`` with logit-adjusted CE, by Adam or by GSAM (``rho_t = rho``, or FedISM+'s
+   ``rho * ((t+1)/R)^p`` when ``rho_schedule_p`` is set),
+5. returns the new weights, its sample count and the report.
+
+What leaves the site: model weights, the sample count, and the scalars listed in :data:`REPORTED_SCALARS`.
+Images and labels never do. The last local model (and its round) and the optimiser state are kept in
+``<app dir>/medflare_cls_client_state.pt`` so a restarted worker can still report FedGA/FedCE statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from .. import fairness as fr
+from ..aggregators import AGGREGATION_WEIGHTS_KEY
+from ..classification.data import ClsSiteData, load_cls_site_data, synthetic_config
+from ..classification.training import ClassificationTrainer, evaluate_classifier
+from ..networks import build_model
+from ..sam import fedism_plus_rho, sharpness
+from ..workflows import SITE_REPORT_KEY
+from .segmentation import load_weights, resolve_device, save_state_atomic, weights_to_numpy
+
+STATE_FILE = "medflare_cls_client_state.pt"
+ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
+# scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
+REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBAL_TRAIN, "rho", fr.SHARPNESS,
+                    fr.LOSS_PREV_LOCAL, fr.PREV_LOCAL_ROUND, fr.FEDCE_MINUS_SCORE, "test_clean_bacc",
+                    "test_clean_auc", "test_corrupted_bacc", "test_corrupted_auc", "bacc_local", "train_seconds",
+                    "train_loss")
+
+
+class ClassificationExecutor(Executor):
+    """Local training and evaluation of a classifier at one site, reporting every fairness statistic.
+
+    Args:
+        model: ``{"name": "tiny_cnn", **constructor kwargs}``; ``in_channels`` and ``num_classes`` default to the
+            settings below. Must match the server persistor's ``model``.
+        num_classes: classes.
+        in_channels: image channels.
+        spatial_size: image size of real data (synthetic data has the benchmark's size).
+        synthetic: settings of the built-in benchmark (see :func:`medflare.classification.data.synthetic_config`).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        local_epochs: local epochs per round.
+        batch_size: training batch size.
+        optimizer: ``"adam"`` (baselines) or ``"gsam"`` (FedISM, FedISM+).
+        rho: GSAM radius, also the sharpness probe's radius.
+        gsam_alpha: GSAM decomposition coefficient.
+        rho_schedule_p: FedISM+'s exponent p of ``rho_t = rho ((t+1)/R)^p``; ``null`` keeps rho constant.
+        tau: logit-adjustment temperature (0 = plain CE).
+        reports: optional statistics to compute: ``"sharpness"``, ``"prev_local"`` (FedGA), ``"minus_model"``
+            (FedCE); the loss and balanced accuracy of the global model are always reported.
+        global_test_sites: sites that evaluate the global test sets (``null``: every site that has them).
+        eval_batch_size: evaluation batch size.
+        seed: seed of shuffling and initialisation at this site.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        num_threads: CPU threads for torch (0 keeps torch's default).
+        tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
+    """
+
+    def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 4, in_channels: int = 1,
+                 spatial_size: Sequence[int] = (64, 64), synthetic: Optional[Dict[str, Any]] = None,
+                 lr: float = 1e-3, weight_decay: float = 5e-4, local_epochs: int = 1, batch_size: int = 32,
+                 optimizer: str = "adam", rho: float = 0.05, gsam_alpha: float = 0.1,
+                 rho_schedule_p: Optional[float] = None, tau: float = 1.0, reports: Sequence[str] = ALL_REPORTS,
+                 global_test_sites: Optional[Sequence[str]] = None, eval_batch_size: int = 128, seed: int = 0,
+                 device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer") -> None:
+        super().__init__()
+        unknown = set(reports) - set(ALL_REPORTS)
+        if unknown:
+            raise ValueError(f"unknown reports {sorted(unknown)}; known: {list(ALL_REPORTS)}")
+        if optimizer not in ("adam", "gsam"):
+            raise ValueError(f"optimizer must be 'adam' or 'gsam', got {optimizer!r}")
+        model = dict(model or {})
+        self.model_name = model.pop("name", "tiny_cnn")
+        self.model_args = {"in_channels": in_channels, "num_classes": num_classes, **model}
+        self.num_classes, self.in_channels, self.spatial_size = num_classes, in_channels, tuple(spatial_size)
+        self.synthetic = synthetic_config(synthetic)
+        self.lr, self.weight_decay, self.local_epochs, self.batch_size = lr, weight_decay, local_epochs, batch_size
+        self.optimizer_kind, self.rho, self.gsam_alpha, self.rho_schedule_p = optimizer, rho, gsam_alpha, rho_schedule_p
+        self.tau, self.reports = tau, set(reports)
+        self.global_test_sites = set(global_test_sites) if global_test_sites is not None else None
+        self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.device_name, self.num_threads, self.tb_writer_id = device, num_threads, tb_writer_id
+
+        self.site = ""
+        self.data: Optional[ClsSiteData] = None
+        self.device: Optional[torch.device] = None
+        self.model: Optional[torch.nn.Module] = None
+        self.scratch: Optional[torch.nn.Module] = None
+        self.trainer: Optional[ClassificationTrainer] = None
+        self.local_weights: Optional[Dict[str, np.ndarray]] = None
+        self.local_round = -1
+        self._setup_error: Optional[str] = None
+        self._app_dir = ""
+        self._local_dir: Optional[str] = None
+        self._tb = None
+
+    # ------------------------------------------------------------------ FLARE plumbing
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.site = fl_ctx.get_identity_name()
+            engine = fl_ctx.get_engine()
+            workspace = engine.get_workspace()
+            self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
+            self._local_dir = workspace.get_site_config_dir()
+            self._tb = engine.get_component(self.tb_writer_id) if self.tb_writer_id else None
+
+    def _ensure_ready(self, fl_ctx: FLContext) -> None:
+        if self.trainer is not None:
+            return
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        start = time.time()
+        with_test = self.global_test_sites is None or self.site in self.global_test_sites
+        self.data = load_cls_site_data(self.site, self._local_dir, self.synthetic, self.num_classes,
+                                       self.in_channels, self.spatial_size, with_global_test=with_test)
+        self.log_info(fl_ctx, f"site '{self.site}' data from {self.data.source}: {len(self.data.train)} training, "
+                              f"{len(self.data.val)} validation images, quality '{self.data.quality}', class counts "
+                              f"{self.data.class_counts}, global test sets {sorted(self.data.global_test)} "
+                              f"(loaded in {time.time() - start:.1f}s)")
+        self.device = resolve_device(self.device_name)
+        self.model = build_model(self.model_name, **self.model_args).to(self.device)
+        self.trainer = ClassificationTrainer(self.model, self.device, self.data.class_counts, lr=self.lr,
+                                             weight_decay=self.weight_decay, optimizer=self.optimizer_kind,
+                                             rho=self.rho, gsam_alpha=self.gsam_alpha, tau=self.tau)
+        self._restore_state(fl_ctx)
+
+    def _state_path(self) -> str:
+        return os.path.join(self._app_dir, STATE_FILE)
+
+    def _restore_state(self, fl_ctx: FLContext) -> None:
+        path = self._state_path()
+        if not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
+        self.local_round = int(state["local_round"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.log_info(fl_ctx, f"restored client state (local model of round {self.local_round}) from {path}")
+
+    def _save_state(self) -> None:
+        save_state_atomic({"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
+                           "local_round": self.local_round, "optimizer": self.trainer.optimizer.state_dict()},
+                          self._state_path())
+
+    def _tb_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar(tag, float(value), global_step=step)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self._setup_error is None:
+            try:
+                self._ensure_ready(fl_ctx)
+            except ValueError as e:  # DataError, or settings that do not fit this site's data
+                self._setup_error = str(e)
+        if self._setup_error is not None:
+            self.log_error(fl_ctx, f"site '{self.site}' cannot take part: {self._setup_error}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            if task_name == AppConstants.TASK_TRAIN:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == AppConstants.TASK_VALIDATION:
+                return self._validate(shareable, fl_ctx)
+            if task_name == AppConstants.TASK_SUBMIT_MODEL:
+                return self._submit_model(fl_ctx)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"site '{self.site}' failed task '{task_name}': {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        self.log_error(fl_ctx, f"unknown task '{task_name}'")
+        return make_reply(ReturnCode.TASK_UNKNOWN)
+
+    # ------------------------------------------------------------------ statistics
+    def evaluate(self, dataset, model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
+        metrics = evaluate_classifier(model or self.model, dataset, self.device, self.eval_batch_size)
+        metrics.pop("n_images", None)
+        return metrics
+
+    def current_rho(self, round_num: int, num_rounds: Optional[int]) -> float:
+        if self.rho_schedule_p is None or not num_rounds:
+            return float(self.rho)
+        return fedism_plus_rho(self.rho, round_num, int(num_rounds), self.rho_schedule_p)
+
+    def global_model_report(self, global_weights: Dict[str, Any], meta: Dict[str, Any], round_num: int,
+                            rho: float) -> Dict[str, Any]:
+        """Statistics of the received global model (and of the previous local model) on the training set."""
+        train = self.data.train
+        on_train = self.evaluate(train)
+        report: Dict[str, Any] = {fr.LOSS_GLOBAL: on_train["loss"], fr.BACC_GLOBAL_TRAIN: on_train["bacc"],
+                                  "rho": rho}
+        if "sharpness" in self.reports:
+            probe = sharpness(self.model, train, rho, self.device, self.eval_batch_size)
+            report[fr.SHARPNESS] = probe["sharpness"]
+        previous = self.local_weights if self.local_round == round_num - 1 else None
+        if previous is not None and self.reports & {"prev_local", "minus_model"}:
+            if self.scratch is None:
+                self.scratch = build_model(self.model_name, **self.model_args).to(self.device)
+            if "prev_local" in self.reports:
+                load_weights(self.scratch, previous, "previous local model")
+                report[fr.LOSS_PREV_LOCAL] = self.evaluate(train, self.scratch)["loss"]
+                report[fr.PREV_LOCAL_ROUND] = self.local_round
+            coef = (meta.get(AGGREGATION_WEIGHTS_KEY) or {}).get(self.site)
+            if "minus_model" in self.reports and coef is not None and 0.0 < float(coef) < 1.0:
+                load_weights(self.scratch, fr.minus_model(global_weights, previous, float(coef)), "minus model")
+                report[fr.FEDCE_MINUS_SCORE] = self.evaluate(train, self.scratch)["bacc"]
+        for name, dataset in self.data.global_test.items():
+            metrics = self.evaluate(dataset)
+            report[f"test_{name}_bacc"] = metrics["bacc"]
+            if "auc" in metrics:
+                report[f"test_{name}_auc"] = metrics["auc"]
+        return report
+
+    # ------------------------------------------------------------------ tasks
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ValueError(f"train task carries {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
+        n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
+        load_weights(self.model, dxo.data, f"global model of round {rnd}")
+        rho = self.current_rho(rnd, n_rounds)
+        start = time.time()
+        global_metrics = self.evaluate(self.data.val)
+        report = self.global_model_report(dxo.data, dict(dxo.meta or {}), rnd, rho)
+        probe_seconds = time.time() - start
+        self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model on '{self.site}': "
+                      + " ".join(f"{k}={v:.4f}" for k, v in global_metrics.items())
+                      + " | " + " ".join(f"{k}={v:.4g}" for k, v in report.items()))
+        for k, v in {**global_metrics, **report}.items():
+            self._tb_scalar(f"global_{k}", v, rnd)
+
+        def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
+            for k, v in losses.items():
+                self._tb_scalar(f"train_{k}", v, rnd * self.local_epochs + epoch)
+
+        self.trainer.set_rho(rho)
+        start = time.time()
+        result = self.trainer.fit(self.data.train, self.local_epochs, self.batch_size, seed=self.seed * 1000 + rnd,
+                                  should_stop=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end)
+        if result.aborted:
+            self.log_info(fl_ctx, "training aborted")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        seconds = time.time() - start
+        local_metrics = self.evaluate(self.data.val)
+        self._tb_scalar("local_bacc", local_metrics["bacc"], rnd)
+        self.local_weights = weights_to_numpy(self.model)
+        self.local_round = rnd
+        self._save_state()
+
+        report.update({"quality": self.data.quality, "n_train": len(self.data.train), "n_val": len(self.data.val),
+                       "bacc_local": local_metrics["bacc"], "train_seconds": round(seconds, 2),
+                       "probe_seconds": round(probe_seconds, 2), "train_loss": result.losses.get("loss", 0.0)})
+        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
+        out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, len(self.data.train))
+        out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
+        out.set_meta_prop(SITE_REPORT_KEY, report)
+        self.log_info(fl_ctx, f"round {rnd}: {self.optimizer_kind} trained {result.steps} steps in {seconds:.1f}s "
+                              f"(statistics {probe_seconds:.1f}s), local model bacc {local_metrics['bacc']:.4f}")
+        return out.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        load_weights(self.model, dxo.data, f"model of '{owner}'")
+        metrics = self.evaluate(self.data.val)
+        self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': bacc {metrics['bacc']:.4f}")
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        if self.local_weights is None:
+            self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
+            return make_reply(ReturnCode.EMPTY_RESULT)
+        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()

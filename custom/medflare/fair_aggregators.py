@@ -1,0 +1,226 @@
+"""FLARE aggregators of the fairness suite: thin wrappers of the pure rules in :mod:`medflare.fairness`.
+
+Each class is a :class:`~medflare.aggregators.WeightedAggregator` (same validation of updates) whose weights come from
+the scalars the sites report in ``meta["medflare_report"]`` (see
+:data:`medflare.executors.classification.REPORTED_SCALARS`) and, for q-FedAvg and FedCE, from the global model the
+sites received. Nothing here touches site data.
+
+State across rounds (EMA weights, mixture weights, histories) is not kept in the aggregator object: it is written
+into the aggregated model's meta under :data:`STATE_KEY`, FLARE's ``FullModelShareableGenerator`` stores that meta
+with the global model and ``PTFileModelPersistor`` saves it in the checkpoint's ``meta_props``; every round the rule
+reads it back from the global model it is updating. A run resumed from a checkpoint therefore continues with the
+state of the round it stopped at, and a restarted server process loses nothing.
+
+Sites missing a round: weights are computed over the sites whose update was accepted; see
+:mod:`medflare.fairness` for how each rule treats the state of absent and new sites.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+
+from . import fairness as fr
+from .aggregation import weighted_average
+from .aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
+from .workflows import SITE_REPORT_KEY
+
+STATE_KEY = "medflare_aggregator_state"
+
+
+def stored_state(global_model: Optional[Dict[str, Any]], rule: str) -> Tuple[Dict[str, Any], Optional[int]]:
+    """The state ``rule`` left in a global model's meta, and the round it was written in (``({}, None)`` if none)."""
+    meta = (global_model or {}).get(ModelLearnableKey.META) or {}
+    entry = meta.get(STATE_KEY) or {}
+    if entry.get("rule") != rule:
+        return {}, None
+    return dict(entry.get("state") or {}), entry.get("round")
+
+
+class FairAggregator(WeightedAggregator):
+    """Base class: subclasses implement :meth:`rule`; state persists through the global model's meta."""
+
+    rule_name = "fedavg"
+
+    def rule(self, reports: Dict[str, Dict[str, Any]], n_samples: Dict[str, float], state: Dict[str, Any],
+             fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any], Optional[Dict[str, np.ndarray]]]:
+        """Return (per-site weights, new state, new global weights or None for the weighted average)."""
+        raise NotImplementedError
+
+    def global_weights(self, fl_ctx: FLContext) -> Dict[str, np.ndarray]:
+        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
+        weights = model.get(ModelLearnableKey.WEIGHTS)
+        if not weights:
+            raise ValueError(f"{self.rule_name} needs the global model the sites received")
+        return weights
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        if not self.updates:
+            self.system_panic("no valid site update to aggregate this round", fl_ctx)
+            return Shareable()
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        state, state_round = stored_state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL), self.rule_name)
+        if state_round is not None and rnd is not None and state_round != rnd - 1:
+            self.log_info(fl_ctx, f"round {rnd}: continuing from the {self.rule_name} state of round {state_round}")
+        reports = {s: dict(m.get(SITE_REPORT_KEY) or {}) for s, m in self.metas.items()}
+        n_samples = {s: float(m.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)) for s, m in self.metas.items()}
+        try:
+            weights, new_state, data = self.rule(reports, n_samples, state, fl_ctx)
+        except ValueError as e:
+            self.system_panic(f"{self.rule_name} aggregation failed in round {rnd}: {e}", fl_ctx)
+            return Shareable()
+        self.log_info(fl_ctx, f"{self.rule_name} aggregation weights: "
+                      + ", ".join(f"{s}={w:.4f}" for s, w in sorted(weights.items())))
+        if data is None:
+            data = weighted_average(self.updates, weights)
+        out = DXO(DataKind.WEIGHTS, data=data)
+        out.set_meta_prop(AGGREGATION_WEIGHTS_KEY, {s: float(w) for s, w in weights.items()})
+        out.set_meta_prop(STATE_KEY, {"rule": self.rule_name, "round": rnd, "state": new_state})
+        return out.to_shareable()
+
+
+def _stat(reports: Dict[str, Dict[str, Any]], key: str) -> Dict[str, float]:
+    return fr._require(reports, key)
+
+
+class FedISMAggregator(FairAggregator):
+    """FedISM / FedISM+: weights from the sites' sharpness, ``p ∝ (S/ΣS)^q``, EMA with ``beta`` across rounds.
+
+    Args:
+        q: sharpness exponent (FFL4MIA's README runs 2.0).
+        beta: EMA coefficient of the weights (0.5).
+    """
+
+    rule_name = "fedism"
+
+    def __init__(self, q: float = 2.0, beta: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.q, self.beta = q, beta
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        prev = state.get("weights")
+        weights = fr.fedism_weights(_stat(reports, fr.SHARPNESS), self.q, self.beta, prev)
+        return weights, {"weights": fr.merge_state(prev, weights)}, None
+
+
+class AFLAggregator(FairAggregator):
+    """Agnostic FL: mixture weights by projected gradient ascent on the global model's losses at the sites.
+
+    Args:
+        lambda_lr: step size of the mixture-weight ascent.
+    """
+
+    rule_name = "afl"
+
+    def __init__(self, lambda_lr: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lambda_lr = lambda_lr
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        used, mixture = fr.afl_step(_stat(reports, fr.LOSS_GLOBAL), state.get("lambda"), self.lambda_lr)
+        return used, {"lambda": mixture}, None
+
+
+class QFedAvgAggregator(FairAggregator):
+    """q-FedAvg. ``mode="update"``: the q-FFL server step of Li et al. (needs the global model and a Lipschitz
+    estimate ``lipschitz``); ``mode="weights"``: FFL4MIA's shortcut ``p ∝ F^q`` over the local models.
+
+    Args:
+        q: fairness exponent.
+        lipschitz: L of the q-FFL step (the paper uses 1/lr of local SGD; with Adam local steps the displacement is
+            about lr per coordinate and step, so a much smaller L is needed for the model to move).
+        mode: ``"update"`` or ``"weights"``.
+    """
+
+    rule_name = "qfedavg"
+
+    def __init__(self, q: float = 1.0, lipschitz: float = 1.0, mode: str = "update", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("update", "weights"):
+            raise ValueError(f"mode must be 'update' or 'weights', got {mode!r}")
+        self.q, self.lipschitz, self.mode = q, lipschitz, mode
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        losses = _stat(reports, fr.LOSS_GLOBAL)
+        if self.mode == "weights":
+            return fr.qffl_weights(losses, self.q), {}, None
+        new, coef = fr.qfedavg_update(self.global_weights(fl_ctx), self.updates, losses, self.q, self.lipschitz)
+        return coef, {}, new
+
+
+class FairFedAggregator(FairAggregator):
+    """FairFed with the balanced accuracy of the global model as the fairness signal.
+
+    Args:
+        beta: step of the weight update.
+    """
+
+    rule_name = "fairfed"
+
+    def __init__(self, beta: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.beta = beta
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        prev = state.get("weights")
+        weights = fr.fairfed_weights(_stat(reports, fr.BACC_GLOBAL_TRAIN), n_samples, prev, self.beta)
+        return weights, {"weights": fr.merge_state(prev, weights)}, None
+
+
+class FedGAAggregator(FairAggregator):
+    """FedGA: weights moved towards sites where the aggregated model generalises worse than their local model.
+
+    A site's gap ``F_i(w^t) - F_i(w_i^t)`` is used only if its previous local model is from the previous round.
+
+    Args:
+        step: initial step (decays linearly over the rounds and is divided by the number of sites).
+    """
+
+    rule_name = "fedga"
+
+    def __init__(self, step: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        rnd = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
+        num_rounds = int(fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or rnd + 1)
+        gaps = {}
+        for site, r in reports.items():
+            if r.get(fr.LOSS_PREV_LOCAL) is not None and r.get(fr.PREV_LOCAL_ROUND) == rnd - 1:
+                gaps[site] = float(r[fr.LOSS_GLOBAL]) - float(r[fr.LOSS_PREV_LOCAL])
+        prev = state.get("weights")
+        weights = fr.fedga_weights(gaps, prev, max(rnd - 1, 0), num_rounds, self.step, present=reports)
+        return weights, {"weights": fr.merge_state(prev, weights)}, None
+
+
+class FedCEAggregator(FairAggregator):
+    """FedCE: contribution estimate from gradient-space (update cosine) and data-space (minus model) scores.
+
+    Args:
+        mode: ``"times"`` (FFL4MIA) or ``"plus"`` (NVFlare).
+    """
+
+    rule_name = "fedce"
+
+    def __init__(self, mode: str = "times", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("times", "plus"):
+            raise ValueError(f"mode must be 'times' or 'plus', got {mode!r}")
+        self.mode = mode
+
+    def rule(self, reports, n_samples, state, fl_ctx):
+        reference = self.global_weights(fl_ctx)
+        keys = [k for k in sorted(reference) if fr.is_trainable_key(k)
+                and np.issubdtype(np.asarray(reference[k]).dtype, np.floating)]
+        diffs = {s: {k: np.asarray(u[k], np.float64) - np.asarray(reference[k], np.float64) for k in keys}
+                 for s, u in self.updates.items()}
+        scores = {s: r.get(fr.FEDCE_MINUS_SCORE) for s, r in reports.items()}
+        weights, new_state = fr.fedce_step(diffs, scores, state, keys, self.mode)
+        return weights, new_state, None
