@@ -1,0 +1,78 @@
+"""End-to-end: fairness-suite jobs run in the FLARE simulator (4 sites, 2 rounds, tiny data) and leave complete,
+fairness-annotated results."""
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from flare_runs import error_lines, prepare_job, run_simulator
+
+from medflare.networks import build_model
+
+SITES = ["site-1", "site-2", "site-3", "site-4"]
+ROUNDS = 2
+TINY = {"synthetic": {"n_train": 32, "n_val": 16, "n_test": 32}}
+FAIRNESS_COLUMNS = ["bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "bacc_jain", "auc_mean", "auc_worst",
+                    "test_clean_bacc", "test_corrupted_bacc", "test_clean_corrupted_gap"]
+AGGREGATOR_LOG = {"fedism": "fedism aggregation weights", "qfedavg": "qfedavg aggregation weights",
+                  "fedce": "fedce aggregation weights", "fedga": "fedga aggregation weights"}
+
+
+def check_classification_run(run_dir, sites, num_rounds):
+    """What every completed classification run must leave in its server run dir; returns the metrics summary."""
+    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
+        path = os.path.join(run_dir, "app_server", name)
+        assert os.path.isfile(path), f"missing {name}"
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        build_model("tiny_cnn").load_state_dict(ckpt["model"])
+    with open(os.path.join(run_dir, "metrics", "metrics_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["key_metric"] == "bacc"
+    assert [r["round"] for r in summary["rounds"]] == list(range(num_rounds))
+    for entry in summary["rounds"]:
+        assert sorted(entry["sites"]) == sorted(sites)
+        for site, metrics in entry["sites"].items():
+            assert 0.0 <= metrics["bacc"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0, (site, metrics)
+            assert metrics["loss_global"] > 0
+        assert entry["fairness"]["n_sites"] == len(sites)
+        assert entry["fairness_auc"]["n_sites"] == len(sites)
+        test = entry["global_test"]
+        assert test["clean_corrupted_gap"] == pytest.approx(test["clean_bacc"] - test["corrupted_bacc"])
+        assert sorted(entry["aggregation_weights"]) == sorted(sites)
+        assert sum(entry["aggregation_weights"].values()) <= 1.0 + 1e-6
+    with open(os.path.join(run_dir, "metrics", "fairness_cls.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == num_rounds and all(c in rows[0] for c in FAIRNESS_COLUMNS), rows[0].keys()
+    assert sorted(summary["cross_site"]["matrix"]["global"]) == sorted(sites)
+    for site in sites:
+        assert glob.glob(os.path.join(run_dir, "tb_events", site, "events.*")), f"no TensorBoard events of {site}"
+    assert glob.glob(os.path.join(run_dir, "tb_events", "server", "events.*"))
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job_name", ["fedism", "qfedavg", "fedce", "fedga"])
+def test_fairness_job_runs(job_name, tmp_path):
+    job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS, client_args=TINY)
+    ws = str(tmp_path / "ws")
+    proc = run_simulator(job, ws, n_clients=4, timeout=900)
+    with open(ws + ".out") as f:
+        output = f.read()
+    assert proc.returncode == 0, output[-3000:]
+    assert not error_lines(ws), error_lines(ws)[:10]
+    summary = check_classification_run(os.path.join(ws, "server", "simulate_job"), SITES, ROUNDS)
+    with open(os.path.join(ws, "server", "log.txt")) as f:
+        assert AGGREGATOR_LOG[job_name] in f.read()
+    last = summary["rounds"][-1]["sites"]
+    if job_name == "fedism":
+        assert all(m["sharpness"] > 0 for m in last.values())
+        weights = summary["rounds"][0]["aggregation_weights"]
+        assert len({round(w, 6) for w in weights.values()}) > 1  # sharpness weighting, not uniform
+    if job_name == "fedga":  # round 1: every site reports the loss of its round-0 local model
+        assert all(m["prev_local_round"] == 0 and "loss_prev_local" in m for m in last.values())
+    if job_name == "fedce":
+        assert all("fedce_minus_score" in m for m in last.values())
