@@ -35,19 +35,19 @@ COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "auc_mean", "test_
            "clean_corrupted_gap")
 
 
-def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], n_clients: int, threads: int,
-            out: str) -> Dict[str, Any]:
+def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], n_clients: int,
+                out: str) -> Optional[str]:
+    """Copy the job for one run (all copies are made before the first run, so editing the code during a sweep does
+    not change it); returns None if the run already finished."""
     run_dir = os.path.join(out, "runs", method, f"seed{seed}")
-    record_path = os.path.join(run_dir, "record.json")
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            return json.load(f)
-    os.makedirs(run_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(run_dir, "record.json")):
+        return None
     job_root = os.path.join(run_dir, "job")
     if os.path.isdir(job_root):
         import shutil
 
         shutil.rmtree(job_root)
+    os.makedirs(run_dir, exist_ok=True)
     job = copy_job(method, job_root, num_rounds=rounds,
                    client_args={"synthetic": {**synthetic, "seed": seed}, "seed": seed},
                    server_args={"min_clients": n_clients}, component_args={"persistor": {"seed": seed}})
@@ -56,6 +56,16 @@ def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], n_cl
     meta["min_clients"] = n_clients
     with open(os.path.join(job, "meta.json"), "w") as f:
         json.dump(meta, f)
+    return job
+
+
+def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, out: str) -> Dict[str, Any]:
+    run_dir = os.path.join(out, "runs", method, f"seed{seed}")
+    record_path = os.path.join(run_dir, "record.json")
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    job = os.path.join(run_dir, "job", method)
     ws = os.path.join(run_dir, "ws")
     start = time.time()
     proc = run_simulator(job, ws, n_clients=n_clients, threads=threads,
@@ -182,10 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          alpha=args.alpha)
         n_clients = args.n_clients
     os.makedirs(args.out, exist_ok=True)
+    for seed in args.seeds:
+        for method in args.methods:
+            prepare_run(method, seed, args.rounds, synthetic, n_clients, args.out)
     records = []
     for seed in args.seeds:
         for method in args.methods:
-            record = run_one(method, seed, args.rounds, synthetic, n_clients, args.threads or n_clients, args.out)
+            record = run_one(method, seed, args.rounds, n_clients, args.threads or n_clients, args.out)
             print(f"{method} seed {seed}: {record['seconds']}s {scores(record, args.last)}", flush=True)
             records.append(record)
     command = "python benchmarks/compare_fairness.py " + " ".join(argv if argv is not None else sys.argv[1:])

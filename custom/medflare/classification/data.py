@@ -102,6 +102,8 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
     base = os.path.dirname(os.path.abspath(path))
     try:
         train, val = load_source(entry, base, num_classes, in_channels, spatial_size)
+        if val is None:
+            raise DataError("no validation split: give 'val' (image_list) or a 'val_fraction' > 0")
         test = {}
         if with_global_test and entry.get("global_test"):
             for name, spec in entry["global_test"].items():
