@@ -123,8 +123,11 @@ FIELDS: Dict[str, Field] = {
                                          ("client", "server"), "refuse (enforce) or only log (warn) unlisted classes"),
     "install_code": Field(False, _bool, "true/false", ("client", "server"),
                           "copy custom/medflare into local/custom/ (site-installed code; shadows shipped copies)"),
-    "job_storage": Field(None, _opt_str, "path", ("server",), "where the server keeps submitted jobs and results"),
-    "snapshot_storage": Field(None, _opt_str, "path", ("server",), "where the server keeps job snapshots"),
+    "job_storage": Field(None, _opt_str, "path", ("server",),
+                         "where the server keeps submitted jobs and results (default: what local/resources.json "
+                         "already says, else the kit default /tmp/nvflare/jobs-storage)"),
+    "snapshot_storage": Field(None, _opt_str, "path", ("server",),
+                              "where the server keeps job snapshots (default: as for job_storage)"),
     # --- authorization.json
     "submit_roles": Field(["lead"], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
                           "roles (besides project_admin) that may submit and clone jobs; checked by the server"),
@@ -315,6 +318,25 @@ def _merge_dict(target: Dict[str, Any], overlay: Dict[str, Any], where: str) -> 
             target[key] = value
 
 
+def current_storage(kit: Kit) -> Dict[str, Optional[str]]:
+    """Job and snapshot storage of the server's current ``resources.json`` (``nvflare poc prepare`` points them
+    into the POC workspace there); kept when the values do not set them."""
+    path = os.path.join(kit.local, "resources.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        current = json.load(f)
+    out: Dict[str, Optional[str]] = {}
+    try:
+        out["snapshot_storage"] = current["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
+    except (KeyError, TypeError):
+        pass
+    for comp in current.get("components") or []:
+        if comp.get("id") == "job_manager":
+            out["job_storage"] = (comp.get("args") or {}).get("uri_root")
+    return out
+
+
 def validate_authorization(policy: Dict[str, Any]) -> None:
     """Parse the policy with FLARE's own parser (what the site does at start-up)."""
     from nvflare.fuel.sec.authz import parse_policy_config
@@ -362,6 +384,11 @@ def build_files(kit: Kit, values: Dict[str, Any], check_data: bool = True) -> Di
         files["privacy.json"] = load_template("privacy.json", tv)
     with open(os.path.join(kit.local, "resources.json.default")) as f:
         base = json.load(f)
+    if kit.kind == "server":
+        current = current_storage(kit)
+        for key in ("job_storage", "snapshot_storage"):
+            if tv[key] is None:
+                tv[key] = current.get(key)
     overlay = load_template(f"resources.{kit.kind}.json", tv)
     files["resources.json"] = merge_resources(base, overlay)
     files["authorization.json"] = load_template("authorization.json", tv)

@@ -67,3 +67,8 @@ def test_poc_runs_fedavg_end_to_end(tmp_path):
         with open(os.path.join(prod, site, "local", "medflare_site.json")) as f:
             assert json.load(f) == {"synthetic": {"modality": ["t1", "t2", "ct"][i]}}
         assert os.path.isfile(os.path.join(prod, site, "local", "resources.json"))
+    # the server keeps its jobs inside this POC workspace (never in the shared /tmp/nvflare default)
+    with open(os.path.join(prod, "localhost", "local", "resources.json")) as f:
+        server = json.load(f)
+    manager = [c for c in server["components"] if c["id"] == "job_manager"][0]
+    assert manager["args"]["uri_root"].startswith(str(workspace / "poc"))

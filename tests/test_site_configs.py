@@ -200,6 +200,20 @@ def test_server_install_sets_storage_and_keeps_the_rest(kits, tmp_path):
     assert not os.path.exists(os.path.join(kit, "local", "privacy.json"))
 
 
+def test_server_keeps_storage_already_configured(kits, tmp_path):
+    from nvflare.lighter.utils import update_storage_locations
+
+    kit = kits["localhost"]
+    update_storage_locations(local_dir=os.path.join(kit, "local"), workspace=str(tmp_path / "poc"))  # as poc prepare
+    install(kit, {})
+    resources = _json(os.path.join(kit, "local", "resources.json"))
+    manager = [c for c in resources["components"] if c["id"] == "job_manager"][0]
+    assert manager["args"]["uri_root"] == str(tmp_path / "poc" / "jobs-storage")
+    assert resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == str(
+        tmp_path / "poc" / "snapshot-storage")
+    assert "medflare." in resources["class_allow_list"]
+
+
 def test_allow_list_as_flare_enforces_it(kits):
     kit = kits["hospital-a"]
     install(kit, {})
