@@ -79,7 +79,8 @@ def site_results(round_num, sites=SITES):
     out = {}
     for i, s in enumerate(sites):
         k = SITES.index(s)
-        out[s] = ({"w": rs.normal(size=3).astype(np.float32), "bn.running_var": rs.uniform(0.5, 2, 2).astype(np.float32),
+        out[s] = ({"w": rs.normal(size=3).astype(np.float32),
+                   "bn.running_var": rs.uniform(0.5, 2, 2).astype(np.float32),
                    "bn.num_batches_tracked": np.array(4 * (round_num + 1), np.int64)},
                   [32, 64, 32, 16][k],
                   {fr.SHARPNESS: [0.01, 0.02, 0.05, 0.1][k] * (1 + round_num), fr.LOSS_GLOBAL: [0.5, 1.0, 1.5, 2.0][k],
@@ -159,7 +160,8 @@ def test_resumed_run_continues_with_the_saved_state(cls, kw, tmp_path):
     restored = PTModelPersistenceFormatManager(torch.load(buffer, weights_only=False)).to_model_learnable([])
     resumed_agg = make(cls, **kw)  # a fresh server process
     _, resumed = run_round(resumed_agg, 2, restored, site_results(2))
-    assert resumed.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(straight.get_meta_prop(AGGREGATION_WEIGHTS_KEY))
+    expected = straight.get_meta_prop(AGGREGATION_WEIGHTS_KEY)
+    assert resumed.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(expected)
     np.testing.assert_allclose(resumed.data["w"], straight.data["w"], rtol=1e-5)
     assert resumed.get_meta_prop(fa.STATE_KEY)["round"] == 2
 

@@ -51,8 +51,8 @@ ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
 REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBAL_TRAIN, "rho", fr.SHARPNESS,
                     fr.LOSS_PREV_LOCAL, fr.PREV_LOCAL_ROUND, fr.FEDCE_MINUS_SCORE, "test_clean_bacc",
-                    "test_clean_auc", "test_corrupted_bacc", "test_corrupted_auc", "bacc_local", "train_seconds", "probe_seconds",
-                    "train_loss")
+                    "test_clean_auc", "test_corrupted_bacc", "test_corrupted_auc", "bacc_local", "train_seconds",
+                    "probe_seconds", "train_loss")
 
 
 class ClassificationExecutor(Executor):
