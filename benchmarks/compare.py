@@ -164,6 +164,7 @@ def scores(record: Dict[str, Any]) -> Dict[str, float]:
     - ``dice_<modality>``: Dice, on that modality's site, of the model each method deploys there: the final global
       model (federated), the pooled model, or the site's own model (``local``).
     - ``mean`` / ``worst``: mean and minimum of those per-modality numbers.
+    - ``best_mean`` / ``best_worst``: the same for the best global model kept during training (federated only).
     """
     matrix, sites = record["matrix"], record["sites"]
     out: Dict[str, float] = {}
@@ -176,6 +177,9 @@ def scores(record: Dict[str, Any]) -> Dict[str, float]:
     out.update({f"dice_{m}": float(v) for m, v in per_mod.items()})
     out["mean"] = float(np.mean(list(per_mod.values())))
     out["worst"] = float(np.min(list(per_mod.values())))
+    if "best_global" in matrix:
+        out["best_mean"] = float(np.mean([matrix["best_global"][s] for s in sites]))
+        out["best_worst"] = float(np.min([matrix["best_global"][s] for s in sites]))
     return out
 
 
@@ -200,7 +204,8 @@ def write_tables(rows: List[Dict[str, Any]], out: str) -> str:
     keys = []
     for row in rows:
         keys += [k for k, v in row.items() if isinstance(v, tuple) and k not in keys]
-    order = ["mean", "worst"] + sorted(k for k in keys if k.startswith("dice_")) + ["in_site", "cross_site"]
+    order = ["mean", "worst"] + sorted(k for k in keys if k.startswith("dice_")) + \
+        ["best_mean", "best_worst", "in_site", "cross_site"]
     order = [k for k in order if k in keys]
     fedavg_time = next((r["wall_seconds"] for r in rows if r["method"] == "fedavg"), None)
     header = ["method", "seeds"] + order + ["wall s", "time vs FedAvg"]

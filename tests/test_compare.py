@@ -29,6 +29,7 @@ def test_scores_of_a_federated_and_a_local_record():
     assert s["dice_t1"] == 0.8 and s["dice_ct"] == 0.6 and s["worst"] == 0.6
     assert s["mean"] == pytest.approx(0.7)
     assert s["in_site"] == pytest.approx(0.8) and s["cross_site"] == pytest.approx(0.2)
+    assert s["best_mean"] == pytest.approx(0.7) and s["best_worst"] == pytest.approx(0.7)
     local = {"sites": sites, "modalities": mods, "matrix": {k: fed["matrix"][k] for k in sites}}
     assert compare.scores(local)["mean"] == pytest.approx(0.8)  # each site's own model on its own data
     pooled = {"sites": sites, "modalities": mods, "matrix": {"pooled": {"site-1": 0.5, "site-2": 0.9}}}
