@@ -79,6 +79,17 @@ def test_qfedavg_higher_loss_pulls_harder():
     assert new["w"][0] > 0
 
 
+def test_qfedavg_norm_ignores_batchnorm_statistics_and_small_L_tends_to_loss_weighting():
+    glob = {"w": np.array([1.0]), "bn.running_var": np.array([1.0])}
+    local = {"a": {"w": np.array([0.0]), "bn.running_var": np.array([100.0])},
+             "b": {"w": np.array([2.0]), "bn.running_var": np.array([1.0])}}
+    new, _ = F.qfedavg_update(glob, local, {"a": 1.0, "b": 2.0}, q=1.0, lipschitz=1.0)
+    assert new["w"] == pytest.approx([1.2])  # the same as without the running variance
+    assert new["bn.running_var"] == pytest.approx([1.0 - (0.2 * -99.0)])
+    tiny, _ = F.qfedavg_update(glob, local, {"a": 1.0, "b": 3.0}, q=1.0, lipschitz=1e-6)
+    assert tiny["w"] == pytest.approx([0.25 * 0.0 + 0.75 * 2.0], rel=1e-4)
+
+
 def test_qffl_weights_power_of_losses():
     assert F.qffl_weights({"a": 1.0, "b": 3.0}, q=1.0) == approx({"a": 0.25, "b": 0.75})
     w = F.qffl_weights({"a": 1.0, "b": 1.1}, q=200.0)  # approaches AFL's argmax

@@ -140,7 +140,7 @@ class QFedAvgAggregator(FairAggregator):
 
     rule_name = "qfedavg"
 
-    def __init__(self, q: float = 1.0, lipschitz: float = 1.0, mode: str = "update", **kwargs: Any) -> None:
+    def __init__(self, q: float = 1.0, lipschitz: float = 0.1, mode: str = "update", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in ("update", "weights"):
             raise ValueError(f"mode must be 'update' or 'weights', got {mode!r}")

@@ -107,7 +107,9 @@ def qfedavg_update(global_weights: Weights, local_weights: Mapping[str, Weights]
     """The q-FFL server step of Li et al. (ICLR'20), ``q-FedAvg``.
 
     ``dw_i = L (w - w_i)``, ``D_i = F_i^q dw_i``, ``h_i = q F_i^(q-1) ||dw_i||^2 + L F_i^q``,
-    ``w_new = w - sum_i D_i / sum_i h_i``. ``||dw_i||`` runs over all floating-point entries. Integer entries
+    ``w_new = w - sum_i D_i / sum_i h_i``. ``||dw_i||`` runs over the model's parameters (floating-point entries
+    that are not BatchNorm statistics, see :func:`is_trainable_key`); the step is applied to every floating-point
+    entry. As ``L -> 0`` the step tends to the ``F^q``-weighted average of the local models. Integer entries
     (counters) take the rounded average of the sites'. Returns the new weights and the effective per-site
     coefficients ``c_i = L F_i^q / sum_j h_j`` (so that ``w_new = (1 - sum c) w + sum c_i w_i``).
     """
@@ -118,9 +120,10 @@ def qfedavg_update(global_weights: Weights, local_weights: Mapping[str, Weights]
         raise ValueError(f"losses given for {sorted(losses)} but updates from {sites}")
     F = {s: max(float(losses[s]), EPS) for s in sites}
     float_keys = [k for k, v in global_weights.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+    norm_keys = [k for k in float_keys if is_trainable_key(k)]
     sq_norm = {s: sum(float(np.sum((lipschitz * (np.asarray(global_weights[k], np.float64)
                                                   - np.asarray(local_weights[s][k], np.float64))) ** 2))
-                      for k in float_keys) for s in sites}
+                      for k in norm_keys) for s in sites}
     h = {s: q * F[s] ** (q - 1) * sq_norm[s] + lipschitz * F[s] ** q for s in sites}
     h_total = float(sum(h.values()))
     coef = {s: lipschitz * F[s] ** q / h_total for s in sites}
