@@ -76,3 +76,18 @@ def test_fairness_job_runs(job_name, tmp_path):
         assert all(m["prev_local_round"] == 0 and "loss_prev_local" in m for m in last.values())
     if job_name == "fedce":
         assert all("fedce_minus_score" in m for m in last.values())
+
+
+@pytest.mark.slow
+def test_fedga_statistics_survive_worker_restarts(tmp_path):
+    """With fewer threads than sites FLARE restarts the worker for every task: the previous local model comes back
+    from the site's app folder, so every site still reports FedGA's gap in round 1."""
+    job = prepare_job("fedga", str(tmp_path), num_rounds=ROUNDS, client_args=TINY, server_args={"min_clients": 2})
+    ws = str(tmp_path / "ws")
+    proc = run_simulator(job, ws, n_clients=2, threads=1, timeout=900)
+    assert proc.returncode == 0
+    assert not error_lines(ws), error_lines(ws)[:10]
+    with open(os.path.join(ws, "site-1", "log.txt")) as f:
+        assert "restored client state (local model of round 0)" in f.read()
+    summary = check_classification_run(os.path.join(ws, "server", "simulate_job"), SITES[:2], ROUNDS)
+    assert all(m["prev_local_round"] == 0 for m in summary["rounds"][1]["sites"].values())
