@@ -434,7 +434,7 @@ def install(kit_dir: str, given: Dict[str, Any], source: str = "values", check_d
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kit", help="participant folder of the site (holds startup/ and local/)")
+    parser.add_argument("kit", nargs="?", help="participant folder of the site (holds startup/ and local/)")
     parser.add_argument("--values", help="JSON file of site values (plain, or keyed by site under 'sites')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one value (repeatable)")
     parser.add_argument("--no-data-check", action="store_true", help="do not require the datalist to exist yet")
@@ -445,6 +445,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key, field in FIELDS.items():
             print(f"{key:28s} {'/'.join(field.kinds):14s} default {json.dumps(field.default):14s} {field.help}")
         return 0
+    if not args.kit:
+        parser.error("the kit folder is required")
     try:
         kit = read_kit(args.kit)
         given: Dict[str, Any] = {}

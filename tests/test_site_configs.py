@@ -262,6 +262,14 @@ def test_install_code_copies_the_package_and_removes_it_again(kits):
     assert not os.path.exists(code) and os.path.isdir(os.path.join(kit, "local", "custom"))
 
 
+def test_example_values_install(kits):
+    examples = os.path.join(REPO, "site_configs", "examples")
+    install(kits["localhost"], _json(os.path.join(examples, "server.json")))
+    install(kits["hospital-a"], _json(os.path.join(examples, "hospital.json")), check_data=False)
+    site = _json(os.path.join(kits["hospital-a"], "local", "medflare_site.json"))
+    assert site["datalist"] == "/data/medflare/datalist.json" and site["modality"] == "t1"
+
+
 def test_select_site_values():
     assert select_site_values({"num_of_gpus": 1}, "a", "f") == {"num_of_gpus": 1}
     raw = {"defaults": {"num_of_gpus": 1}, "sites": {"a": {"num_of_gpus": 2}}}
