@@ -74,6 +74,10 @@ def test_fairness_job_runs(job_name, tmp_path):
         assert len({round(w, 6) for w in weights.values()}) > 1  # sharpness weighting, not uniform
     if job_name == "fedga":  # round 1: every site reports the loss of its round-0 local model
         assert all(m["prev_local_round"] == 0 and "loss_prev_local" in m for m in last.values())
+        # the cached local model is the one trained in round 0, not an alias of the model now loaded
+        assert all(abs(m["loss_prev_local"] - m["loss_global"]) > 1e-6 for m in last.values())
+        weights = summary["rounds"][1]["aggregation_weights"]
+        assert len({round(w, 6) for w in weights.values()}) > 1
     if job_name == "fedce":
         assert all("fedce_minus_score" in m for m in last.values())
 

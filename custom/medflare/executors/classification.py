@@ -274,7 +274,8 @@ class ClassificationExecutor(Executor):
         seconds = time.time() - start
         local_metrics = self.evaluate(self.data.val)
         self._tb_scalar("local_bacc", local_metrics["bacc"], rnd)
-        self.local_weights = weights_to_numpy(self.model)
+        # copies: the numpy views of CPU tensors would follow the model when the next global model is loaded
+        self.local_weights = {k: np.array(v, copy=True) for k, v in weights_to_numpy(self.model).items()}
         self.local_round = rnd
         self._save_state()
 
