@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,18 +86,21 @@ def run_cli(args: List[str], env: Dict[str, str], timeout: float, log_file: str,
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=captured, stderr=subprocess.STDOUT,
                                 text=True)
         deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    out.write(f"(killed after {timeout:.0f}s)\n")
+                    raise PocError(f"{what} did not finish within {timeout:.0f}s")
+                if on_poll:
+                    on_poll()
+                try:
+                    proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if proc.poll() is None:  # timed out, or this runner was interrupted: never leave the command behind
                 proc.kill()
                 proc.wait()
-                out.write(f"(killed after {timeout:.0f}s)\n")
-                raise PocError(f"{what} did not finish within {timeout:.0f}s")
-            if on_poll:
-                on_poll()
-            try:
-                proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                pass
         captured.seek(0)
         text = captured.read()
         out.write(text)
@@ -320,6 +324,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--executor-arg", action="append", default=[], metavar="KEY=JSON",
                         help="override an executor argument, e.g. 'synthetic={\"n_train\": 32, \"n_val\": 8}'")
     args = parser.parse_args(argv)
+
+    def _terminated(signum, frame):  # stop the system also when this runner is terminated
+        raise PocError(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return run(args)
     except PocError as e:
