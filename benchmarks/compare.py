@@ -134,14 +134,11 @@ def run_federated(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
 
 def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], out: str) -> Dict[str, Any]:
     """Run (or load, when already finished) one method and seed; the record is saved as ``record.json``."""
+    finished = finished_record(method, seed, rounds, synthetic, out)
+    if finished is not None:
+        return finished
     run_dir = os.path.join(out, "runs", method.replace(":", "__").replace(",", "_"), f"seed{seed}")
     record_path = os.path.join(run_dir, "record.json")
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
-        if record.get("rounds_budget") == rounds and record.get("synthetic") == synthetic:
-            record["skipped"] = True
-            return record
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
     runner = run_reference if method in REFERENCE_METHODS else run_federated
@@ -286,14 +283,35 @@ def plot(records: Sequence[Dict[str, Any]], methods: Sequence[str], out: str) ->
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def finished_record(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], out: str) -> Optional[Dict]:
+    """The saved record of a finished run with these settings, or ``None``."""
+    path = os.path.join(out, "runs", method.replace(":", "__").replace(",", "_"), f"seed{seed}", "record.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("rounds_budget") != rounds or record.get("synthetic") != synthetic:
+        return None
+    record["skipped"] = True
+    return record
+
+
 def sweep(methods: Sequence[str], seeds: Sequence[int], rounds: int, synthetic: Dict[str, Any], out: str,
-          log=print) -> List[Dict[str, Any]]:
-    """Run every method x seed (skipping finished ones), then write tables and plots; returns the records."""
+          log=print, report_only: bool = False) -> List[Dict[str, Any]]:
+    """Run every method x seed (skipping finished ones), then write tables and plots; returns the records.
+
+    With ``report_only`` nothing runs: the tables and plots cover the runs that already finished.
+    """
     os.makedirs(out, exist_ok=True)
     records, total, k = [], len(methods) * len(seeds), 0
     for seed in seeds:
         for method in methods:
             k += 1
+            if report_only:
+                record = finished_record(method, seed, rounds, synthetic, out)
+                if record is not None:
+                    records.append(record)
+                continue
             log(f"[{k}/{total}] {method} seed {seed}: running ({rounds} rounds)...")
             record = run_one(method, seed, rounds, synthetic, out)
             s = scores(record)
@@ -318,9 +336,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--modalities", nargs="+", default=list(DEFAULT_MODALITIES))
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-val", type=int, default=40)
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; write the tables and plots of the runs that finished")
     args = parser.parse_args(argv)
     synthetic = {"modalities": list(args.modalities), "n_train": args.n_train, "n_val": args.n_val}
-    sweep(args.methods, args.seeds, args.rounds, synthetic, args.out)
+    sweep(args.methods, args.seeds, args.rounds, synthetic, args.out, report_only=args.report_only)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,8 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path):
     again = []
     compare.sweep(["local", "pooled", "fedavg"], [0], 1, synthetic, out, log=again.append)
     assert sum("already done" in line for line in again) == 3
+    os.remove(os.path.join(out, "results.md"))
+    reported = compare.sweep(["local", "pooled", "fedavg", "fedprox"], [0, 1], 1, synthetic, out, log=again.append,
+                             report_only=True)
+    assert [r["method"] for r in reported] == ["local", "pooled", "fedavg"]  # nothing ran for the missing ones
+    assert "| fedavg | 1 |" in open(os.path.join(out, "results.md")).read()
