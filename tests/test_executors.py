@@ -128,3 +128,14 @@ def test_3d_pipeline(tmp_path):
     dxo = _assert_only_weights_and_scalars(result, set(weights))
     assert dxo.data["model.0.conv.unit0.conv.weight"].ndim == 5
     assert dxo.get_meta_prop(SITE_REPORT_KEY)["modality"] == "t2"
+
+
+def test_local_model_is_not_changed_by_later_validation(tmp_path):
+    ex = _executor(SegmentationExecutor, tmp_path)
+    ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
+    before = {k: v.copy() for k, v in ex.local_weights.items()}
+    other = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in _global_weights().items()}
+    ex.execute(AppConstants.TASK_VALIDATION, DXO(DataKind.WEIGHTS, data=other).to_shareable(), FLContext(), Signal())
+    submitted = from_shareable(ex.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())).data
+    for k, v in before.items():
+        np.testing.assert_array_equal(submitted[k], v)

@@ -34,7 +34,7 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     columns: List[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
@@ -98,7 +98,7 @@ class RunSummary:
         }
         self.data["cross_site"] = cross
         rows = [{"model": m, **{s: matrix[m].get(s, "") for s in sites}} for m in sorted(matrix)]
-        _write_csv(os.path.join(self.dir, "cross_site_dice.csv"), rows)
+        write_csv(os.path.join(self.dir, "cross_site_dice.csv"), rows)
         self.save()
         return cross
 
@@ -111,9 +111,9 @@ class RunSummary:
             if entry["fairness"]:
                 fair_rows.append({"round": entry["round"], **entry["fairness"]})
         if round_rows:
-            _write_csv(os.path.join(self.dir, "round_metrics.csv"), round_rows)
+            write_csv(os.path.join(self.dir, "round_metrics.csv"), round_rows)
         if fair_rows:
-            _write_csv(os.path.join(self.dir, "fairness.csv"), fair_rows)
+            write_csv(os.path.join(self.dir, "fairness.csv"), fair_rows)
 
 
 def format_matrix(matrix: Mapping[str, Mapping[str, float]]) -> str:

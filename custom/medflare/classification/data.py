@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..data.datalist import DataError
-from ..data.site_config import SITE_CONFIG_ENV, SITE_CONFIG_FILE, _site_entry, synthetic_site_index
+from ..data.site_config import SITE_CONFIG_ENV, SITE_CONFIG_FILE, site_entry, synthetic_site_index
 from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
 from .training import ArrayDataset
 
@@ -59,7 +59,7 @@ def _read_config(site: str, local_dir: Optional[str]) -> Optional[tuple]:
                 raise DataError(f"site config {path} is not valid JSON: {e}") from e
             if not isinstance(raw, dict):
                 raise DataError(f"{path}: expected a JSON object")
-            return _site_entry(raw, site, path), path
+            return site_entry(raw, site, path), path
     return None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from nvflare.apis.fl_context import FLContext
 
 from ..metrics import fairness_summary
-from ..results import _write_csv
+from ..results import write_csv
 from ..workflows import MetricsScatterAndGather
 
 FAIRNESS_CSV = "fairness_cls.csv"
@@ -73,7 +73,7 @@ class FairnessScatterAndGather(MetricsScatterAndGather):
         extra = classification_round_report(entry["sites"])
         entry.update(extra)
         self._summary.save()
-        _write_csv(os.path.join(self._summary.dir, FAIRNESS_CSV), fairness_rows(self._summary.data["rounds"]))
+        write_csv(os.path.join(self._summary.dir, FAIRNESS_CSV), fairness_rows(self._summary.data["rounds"]))
         fair, test = extra["fairness_auc"], extra["global_test"]
         if fair:
             self.log_info(fl_ctx, f"round {rnd} AUC fairness: mean={fair['mean']:.4f} worst={fair['worst']:.4f} "

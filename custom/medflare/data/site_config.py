@@ -58,7 +58,7 @@ class SiteDataConfig:
     synthetic_index: Optional[int] = None
 
 
-def _site_entry(raw: Dict[str, Any], site: str, source: str) -> Dict[str, Any]:
+def site_entry(raw: Dict[str, Any], site: str, source: str) -> Dict[str, Any]:
     if "sites" in raw:
         extra = set(raw) - {"sites"}
         if extra:
@@ -75,7 +75,7 @@ def parse_site_config(raw: Dict[str, Any], site: str, source: str,
     """Validate one config (single-site or ``{"sites": ...}`` form) and return the entry of ``site``."""
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a JSON object")
-    entry = _site_entry(raw, site, source)
+    entry = site_entry(raw, site, source)
     if not isinstance(entry, dict):
         raise DataError(f"{source}: settings of site '{site}' must be a JSON object")
     if "synthetic" in entry:

@@ -275,7 +275,7 @@ class ClassificationExecutor(Executor):
         local_metrics = self.evaluate(self.data.val)
         self._tb_scalar("local_bacc", local_metrics["bacc"], rnd)
         # copies: the numpy views of CPU tensors would follow the model when the next global model is loaded
-        self.local_weights = {k: np.array(v, copy=True) for k, v in weights_to_numpy(self.model).items()}
+        self.local_weights = weights_to_numpy(self.model)
         self.local_round = rnd
         self._save_state()
 

@@ -54,7 +54,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def weights_to_numpy(model: torch.nn.Module) -> Dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    """A copy of the model's weights as numpy arrays (never views: loading other weights later must not change it)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def load_weights(model: torch.nn.Module, weights: Dict[str, Any], source: str) -> None:
