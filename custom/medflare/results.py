@@ -11,7 +11,6 @@ Files:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile

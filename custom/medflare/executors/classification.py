@@ -29,8 +29,6 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.event_type import EventType
-from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
@@ -44,9 +42,9 @@ from ..classification.training import ClassificationTrainer, evaluate_classifier
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
 from ..workflows import SITE_REPORT_KEY
+from .base import SiteExecutor
 from .segmentation import load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
-STATE_FILE = "medflare_cls_client_state.pt"
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
 REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBAL_TRAIN, "rho", fr.SHARPNESS,
@@ -55,7 +53,9 @@ REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBA
                     "probe_seconds", "train_loss")
 
 
-class ClassificationExecutor(Executor):
+class ClassificationExecutor(SiteExecutor):
+    state_file = "medflare_cls_client_state.pt"
+
     """Local training and evaluation of a classifier at one site, reporting every fairness statistic.
 
     Args:
@@ -91,7 +91,7 @@ class ClassificationExecutor(Executor):
                  rho_schedule_p: Optional[float] = None, tau: float = 1.0, reports: Sequence[str] = ALL_REPORTS,
                  global_test_sites: Optional[Sequence[str]] = None, eval_batch_size: int = 128, seed: int = 0,
                  device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer") -> None:
-        super().__init__()
+        super().__init__(tb_writer_id)
         unknown = set(reports) - set(ALL_REPORTS)
         if unknown:
             raise ValueError(f"unknown reports {sorted(unknown)}; known: {list(ALL_REPORTS)}")
@@ -107,9 +107,8 @@ class ClassificationExecutor(Executor):
         self.tau, self.reports = tau, set(reports)
         self.global_test_sites = set(global_test_sites) if global_test_sites is not None else None
         self.eval_batch_size, self.seed = eval_batch_size, seed
-        self.device_name, self.num_threads, self.tb_writer_id = device, num_threads, tb_writer_id
+        self.device_name, self.num_threads = device, num_threads
 
-        self.site = ""
         self.data: Optional[ClsSiteData] = None
         self.device: Optional[torch.device] = None
         self.model: Optional[torch.nn.Module] = None
@@ -117,21 +116,8 @@ class ClassificationExecutor(Executor):
         self.trainer: Optional[ClassificationTrainer] = None
         self.local_weights: Optional[Dict[str, np.ndarray]] = None
         self.local_round = -1
-        self._setup_error: Optional[str] = None
-        self._app_dir = ""
-        self._local_dir: Optional[str] = None
-        self._tb = None
 
     # ------------------------------------------------------------------ FLARE plumbing
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self.site = fl_ctx.get_identity_name()
-            engine = fl_ctx.get_engine()
-            workspace = engine.get_workspace()
-            self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
-            self._local_dir = workspace.get_site_config_dir()
-            self._tb = engine.get_component(self.tb_writer_id) if self.tb_writer_id else None
-
     def _ensure_ready(self, fl_ctx: FLContext) -> None:
         if self.trainer is not None:
             return
@@ -155,9 +141,6 @@ class ClassificationExecutor(Executor):
                                              rho=self.rho, gsam_alpha=self.gsam_alpha, tau=self.tau)
         self._restore_state(fl_ctx)
 
-    def _state_path(self) -> str:
-        return os.path.join(self._app_dir, STATE_FILE)
-
     def _restore_state(self, fl_ctx: FLContext) -> None:
         path = self._state_path()
         if not os.path.isfile(path):
@@ -172,34 +155,6 @@ class ClassificationExecutor(Executor):
         save_state_atomic({"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
                            "local_round": self.local_round, "optimizer": self.trainer.optimizer.state_dict()},
                           self._state_path())
-
-    def _tb_scalar(self, tag: str, value: float, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_scalar(tag, float(value), global_step=step)
-
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self._setup_error is None:
-            try:
-                self._ensure_ready(fl_ctx)
-            except ValueError as e:  # DataError, or settings that do not fit this site's data
-                self._setup_error = str(e)
-        if self._setup_error is not None:
-            self.log_error(fl_ctx, f"site '{self.site}' cannot take part: {self._setup_error}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        if abort_signal.triggered:
-            return make_reply(ReturnCode.TASK_ABORTED)
-        try:
-            if task_name == AppConstants.TASK_TRAIN:
-                return self._train(shareable, fl_ctx, abort_signal)
-            if task_name == AppConstants.TASK_VALIDATION:
-                return self._validate(shareable, fl_ctx)
-            if task_name == AppConstants.TASK_SUBMIT_MODEL:
-                return self._submit_model(fl_ctx)
-        except Exception as e:
-            self.log_exception(fl_ctx, f"site '{self.site}' failed task '{task_name}': {e}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        self.log_error(fl_ctx, f"unknown task '{task_name}'")
-        return make_reply(ReturnCode.TASK_UNKNOWN)
 
     # ------------------------------------------------------------------ statistics
     def evaluate(self, dataset, model: Optional[torch.nn.Module] = None) -> Dict[str, float]:

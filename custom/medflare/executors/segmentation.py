@@ -26,8 +26,6 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.event_type import EventType
-from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
@@ -39,8 +37,8 @@ from ..metrics import evaluate_segmentation
 from ..networks import build_model
 from ..training import SegmentationTrainer
 from ..workflows import SITE_REPORT_KEY
+from .base import SiteExecutor
 
-STATE_FILE = "medflare_client_state.pt"
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
 REPORTED_SCALARS = ("modality", "n_train", "n_val", "dice_local", "train_seconds", "train_<term>")
@@ -85,7 +83,7 @@ def save_state_atomic(state: Dict[str, Any], path: str) -> None:
             os.remove(tmp)
 
 
-class SegmentationExecutor(Executor):
+class SegmentationExecutor(SiteExecutor):
     """Local training and evaluation of a segmentation model at one site.
 
     Args:
@@ -118,7 +116,7 @@ class SegmentationExecutor(Executor):
                  lr: float = 3e-3, local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None) -> None:
-        super().__init__()
+        super().__init__(tb_writer_id)
         self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
                               spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
                               intensity=intensity, window=tuple(window) if window else None)
@@ -131,20 +129,14 @@ class SegmentationExecutor(Executor):
         self.lr, self.local_epochs, self.batch_size = lr, local_epochs, batch_size
         self.fedprox_mu, self.seed = fedprox_mu, seed
         self.device_name, self.num_threads = device, num_threads
-        self.tb_writer_id = tb_writer_id
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
 
-        self.site: str = ""
         self.data: Optional[SiteData] = None
         self.device: Optional[torch.device] = None
         self.model: Optional[torch.nn.Module] = None
         self.trainer: Optional[SegmentationTrainer] = None
         self.local_weights: Optional[Dict[str, np.ndarray]] = None
         self.rounds_done = 0
-        self._setup_error: Optional[str] = None
-        self._app_dir = ""
-        self._local_dir: Optional[str] = None
-        self._tb = None
 
     # ------------------------------------------------------------------ extension points
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
@@ -168,15 +160,6 @@ class SegmentationExecutor(Executor):
         """Restore what :meth:`extra_state` returned."""
 
     # ------------------------------------------------------------------ FLARE plumbing
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self.site = fl_ctx.get_identity_name()
-            engine = fl_ctx.get_engine()
-            workspace = engine.get_workspace()
-            self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
-            self._local_dir = workspace.get_site_config_dir()
-            self._tb = engine.get_component(self.tb_writer_id) if self.tb_writer_id else None
-
     def _ensure_ready(self, fl_ctx: FLContext) -> None:
         """Load data, build model and trainer, restore saved state (once per worker process)."""
         if self.trainer is not None:
@@ -198,9 +181,6 @@ class SegmentationExecutor(Executor):
         self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device}")
         self._restore_state(fl_ctx)
 
-    def _state_path(self) -> str:
-        return os.path.join(self._app_dir, STATE_FILE)
-
     def _restore_state(self, fl_ctx: FLContext) -> None:
         path = self._state_path()
         if not os.path.isfile(path):
@@ -217,35 +197,6 @@ class SegmentationExecutor(Executor):
                  "rounds_done": self.rounds_done, "optimizer": self.trainer.optimizer.state_dict(),
                  "extra": self.extra_state()}
         save_state_atomic(state, self._state_path())
-
-    def _tb_scalar(self, tag: str, value: float, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_scalar(tag, float(value), global_step=step)
-
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self._setup_error is None:
-            try:
-                self._ensure_ready(fl_ctx)
-            except ValueError as e:  # DataError, or settings that do not fit this site's data
-                self._setup_error = str(e)
-        if self._setup_error is not None:
-            # the error reply makes the server stop the job (or carry on without this site, per its policy)
-            self.log_error(fl_ctx, f"site '{self.site}' cannot take part: {self._setup_error}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        if abort_signal.triggered:
-            return make_reply(ReturnCode.TASK_ABORTED)
-        try:
-            if task_name == AppConstants.TASK_TRAIN:
-                return self._train(shareable, fl_ctx, abort_signal)
-            if task_name == AppConstants.TASK_VALIDATION:
-                return self._validate(shareable, fl_ctx)
-            if task_name == AppConstants.TASK_SUBMIT_MODEL:
-                return self._submit_model(fl_ctx)
-        except Exception as e:
-            self.log_exception(fl_ctx, f"site '{self.site}' failed task '{task_name}': {e}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        self.log_error(fl_ctx, f"unknown task '{task_name}'")
-        return make_reply(ReturnCode.TASK_UNKNOWN)
 
     def evaluate(self) -> Dict[str, float]:
         return evaluate_segmentation(self.model, self.data.val, self.spec.num_classes, self.device,
