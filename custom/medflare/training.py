@@ -8,7 +8,7 @@ that change the local objective (for example adversarial feature alignment) subc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 from monai.losses import DiceCELoss
@@ -92,22 +92,31 @@ class SegmentationTrainer:
         self.start_round()
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
-        result = TrainResult()
         self.model.train()
-        for epoch in range(epochs):
-            sums: Dict[str, float] = {}
-            batches = 0
-            for batch in loader:
-                if should_stop():
-                    result.aborted = True
-                    return result
-                terms = self.training_step(batch["image"].to(self.device), batch["label"].to(self.device))
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                batches += 1
-                result.steps += 1
-            result.epochs = epoch + 1
-            result.losses = {k: v / max(batches, 1) for k, v in sums.items()}
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, result.losses)
-        return result
+        return run_epochs(loader, lambda batch: self.training_step(batch["image"].to(self.device),
+                                                                   batch["label"].to(self.device)),
+                          epochs, should_stop, on_epoch_end)
+
+
+def run_epochs(loader: Iterable[Dict[str, torch.Tensor]], step: Callable[[Dict[str, torch.Tensor]], Dict[str, float]],
+               epochs: int, should_stop: Callable[[], bool] = lambda: False,
+               on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+    """Call ``step(batch)`` for every batch of ``epochs`` passes over ``loader``, averaging the loss terms it
+    returns per epoch; stops before the next batch once ``should_stop()`` is true."""
+    result = TrainResult()
+    for epoch in range(epochs):
+        sums: Dict[str, float] = {}
+        batches = 0
+        for batch in loader:
+            if should_stop():
+                result.aborted = True
+                return result
+            for k, v in step(batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+            batches += 1
+            result.steps += 1
+        result.epochs = epoch + 1
+        result.losses = {k: v / max(batches, 1) for k, v in sums.items()}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, result.losses)
+    return result

@@ -15,13 +15,12 @@ one site's settings or ``{"sites": {"<site>": {...}}}``. A classification site's
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..data.datalist import DataError
-from ..data.site_config import SITE_CONFIG_ENV, SITE_CONFIG_FILE, site_entry, synthetic_site_index
+from ..data.site_config import read_site_config_file, site_entry, synthetic_site_index
 from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
 from .training import ArrayDataset
 
@@ -44,23 +43,13 @@ class ClsSiteData:
 
 
 def _read_config(site: str, local_dir: Optional[str]) -> Optional[tuple]:
-    candidates = [os.path.join(local_dir, SITE_CONFIG_FILE)] if local_dir else []
-    env = os.environ.get(SITE_CONFIG_ENV)
-    if env:
-        if not os.path.isfile(env):
-            raise DataError(f"{SITE_CONFIG_ENV} points to a missing file: {env}")
-        candidates.append(env)
-    for path in candidates:
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"site config {path} is not valid JSON: {e}") from e
-            if not isinstance(raw, dict):
-                raise DataError(f"{path}: expected a JSON object")
-            return site_entry(raw, site, path), path
-    return None
+    found = read_site_config_file(local_dir)
+    if found is None:
+        return None
+    raw, path = found
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return site_entry(raw, site, path), path
 
 
 def _synthetic(config: SyntheticClsConfig, index: int, site: str, source: str, with_test: bool,

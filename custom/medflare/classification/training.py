@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..sam import GSAM, LogitAdjustedCE
+from ..training import TrainResult, run_epochs
 
 
 class ArrayDataset(Dataset):
@@ -100,14 +100,6 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
     return classification_metrics(labels, logits)
 
 
-@dataclass
-class TrainResult:
-    steps: int = 0
-    epochs: int = 0
-    aborted: bool = False
-    losses: Dict[str, float] = field(default_factory=dict)
-
-
 class ClassificationTrainer:
     """Logit-adjusted CE training with Adam or GSAM(Adam).
 
@@ -157,22 +149,7 @@ class ClassificationTrainer:
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                             drop_last=len(dataset) > batch_size and len(dataset) % batch_size == 1)
-        result = TrainResult()
         self.model.train()
-        for epoch in range(epochs):
-            sums: Dict[str, float] = {}
-            batches = 0
-            for batch in loader:
-                if should_stop():
-                    result.aborted = True
-                    return result
-                terms = self.training_step(batch["image"].to(self.device), batch["label"].to(self.device).view(-1))
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                batches += 1
-                result.steps += 1
-            result.epochs = epoch + 1
-            result.losses = {k: v / max(batches, 1) for k, v in sums.items()}
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, result.losses)
-        return result
+        return run_epochs(loader, lambda batch: self.training_step(batch["image"].to(self.device),
+                                                                   batch["label"].to(self.device).view(-1)),
+                          epochs, should_stop, on_epoch_end)

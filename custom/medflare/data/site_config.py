@@ -28,7 +28,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .datalist import DataError
 
@@ -115,8 +115,9 @@ def synthetic_site_index(site: str, n_sites: int) -> int:
     return int(match.group(1)) - 1
 
 
-def resolve_site_config(site: str, local_dir: Optional[str], synthetic_modalities: tuple) -> SiteDataConfig:
-    """Find and validate the data config of ``site`` (see the module docstring for the lookup order)."""
+def read_site_config_file(local_dir: Optional[str]) -> Optional[Tuple[Dict[str, Any], str]]:
+    """The raw site config and its path: ``<local_dir>/medflare_site.json``, else ``$MEDFLARE_SITE_CONFIG``;
+    ``None`` when neither exists."""
     candidates = []
     if local_dir:
         candidates.append(os.path.join(local_dir, SITE_CONFIG_FILE))
@@ -129,10 +130,18 @@ def resolve_site_config(site: str, local_dir: Optional[str], synthetic_modalitie
         if os.path.isfile(path):
             try:
                 with open(path) as f:
-                    raw = json.load(f)
+                    return json.load(f), path
             except json.JSONDecodeError as e:
                 raise DataError(f"site config {path} is not valid JSON: {e}") from e
-            return parse_site_config(raw, site, path, synthetic_modalities)
+    return None
+
+
+def resolve_site_config(site: str, local_dir: Optional[str], synthetic_modalities: tuple) -> SiteDataConfig:
+    """Find and validate the data config of ``site`` (see the module docstring for the lookup order)."""
+    found = read_site_config_file(local_dir)
+    if found is not None:
+        raw, path = found
+        return parse_site_config(raw, site, path, synthetic_modalities)
     index = synthetic_site_index(site, len(synthetic_modalities))
     return SiteDataConfig(site=site, source="built-in synthetic benchmark", modality=synthetic_modalities[index],
                           synthetic_modality=synthetic_modalities[index], synthetic_index=index)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import tempfile
+from typing import Any, Dict, Optional
 
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import ReturnCode
@@ -13,7 +17,48 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from ..workflows import SITE_REPORT_KEY
+
 STATE_FILE = "medflare_client_state.pt"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; anything else is passed to :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def weights_to_numpy(model: torch.nn.Module) -> Dict[str, np.ndarray]:
+    """A copy of the model's weights as numpy arrays (never views: loading other weights later must not change it)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_weights(model: torch.nn.Module, weights: Dict[str, Any], source: str) -> None:
+    """Load ``weights`` (numpy or tensors) into ``model``, with an error that says what does not match."""
+    state = model.state_dict()
+    missing = sorted(set(state) - set(weights))
+    extra = sorted(set(weights) - set(state))
+    if missing or extra:
+        raise ValueError(f"{source} does not match this site's model: missing {missing[:5]}, unexpected {extra[:5]}; "
+                         "check that the server's persistor and the executor use the same model arguments")
+    for name, value in weights.items():
+        tensor = torch.as_tensor(np.asarray(value))
+        if tensor.shape != state[name].shape:
+            raise ValueError(f"{source}: parameter '{name}' has shape {tuple(tensor.shape)}, "
+                             f"this site's model has {tuple(state[name].shape)}")
+        state[name].copy_(tensor.to(state[name].dtype))
+
+
+def save_state_atomic(state: Dict[str, Any], path: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class SiteExecutor(Executor):
@@ -30,6 +75,7 @@ class SiteExecutor(Executor):
     """
 
     state_file = STATE_FILE
+    key_metric = "dice"
 
     def __init__(self, tb_writer_id: str = "tb_writer") -> None:
         super().__init__()
@@ -39,6 +85,8 @@ class SiteExecutor(Executor):
         self._local_dir: Optional[str] = None
         self._tb = None
         self._setup_error: Optional[str] = None
+        self.model: Optional[torch.nn.Module] = None
+        self.local_weights: Optional[Dict[str, np.ndarray]] = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
@@ -55,11 +103,34 @@ class SiteExecutor(Executor):
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         raise NotImplementedError
 
-    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _validation_metrics(self) -> Dict[str, float]:
+        """Metrics of the current model on this site's validation split (must include ``key_metric``)."""
         raise NotImplementedError
 
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Cross-site evaluation: score the model in the task on this site's validation split."""
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        load_weights(self.model, from_shareable(shareable).data, f"model of '{owner}'")
+        metrics = self._validation_metrics()
+        self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': "
+                              f"{self.key_metric} {metrics[self.key_metric]:.4f}")
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        raise NotImplementedError
+        """Cross-site evaluation: send this site's last local model."""
+        if self.local_weights is None:
+            self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
+            return make_reply(ReturnCode.EMPTY_RESULT)
+        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()
+
+    def _train_result(self, n_train: int, global_metrics: Dict[str, float], report: Dict[str, Any]) -> Shareable:
+        """What a site sends after training: its local weights, sample count, the metrics of the received global
+        model (for model selection) and the documented scalars in ``report``."""
+        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
+        out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, n_train)
+        out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
+        out.set_meta_prop(SITE_REPORT_KEY, report)
+        return out.to_shareable()
 
     def _state_path(self) -> str:
         """Where client state that must outlive a worker process is kept (the job's app folder at this site)."""

@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
@@ -41,9 +41,8 @@ from ..classification.data import ClsSiteData, load_cls_site_data, synthetic_con
 from ..classification.training import ClassificationTrainer, evaluate_classifier
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
-from ..workflows import SITE_REPORT_KEY
 from .base import SiteExecutor
-from .segmentation import load_weights, resolve_device, save_state_atomic, weights_to_numpy
+from .base import load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
@@ -55,6 +54,7 @@ REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBA
 
 class ClassificationExecutor(SiteExecutor):
     state_file = "medflare_cls_client_state.pt"
+    key_metric = "bacc"
 
     """Local training and evaluation of a classifier at one site, reporting every fairness statistic.
 
@@ -157,6 +157,9 @@ class ClassificationExecutor(SiteExecutor):
                           self._state_path())
 
     # ------------------------------------------------------------------ statistics
+    def _validation_metrics(self) -> Dict[str, float]:
+        return self.evaluate(self.data.val)
+
     def evaluate(self, dataset, model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
         metrics = evaluate_classifier(model or self.model, dataset, self.device, self.eval_batch_size)
         metrics.pop("n_images", None)
@@ -229,7 +232,6 @@ class ClassificationExecutor(SiteExecutor):
         seconds = time.time() - start
         local_metrics = self.evaluate(self.data.val)
         self._tb_scalar("local_bacc", local_metrics["bacc"], rnd)
-        # copies: the numpy views of CPU tensors would follow the model when the next global model is loaded
         self.local_weights = weights_to_numpy(self.model)
         self.local_round = rnd
         self._save_state()
@@ -237,24 +239,6 @@ class ClassificationExecutor(SiteExecutor):
         report.update({"quality": self.data.quality, "n_train": len(self.data.train), "n_val": len(self.data.val),
                        "bacc_local": local_metrics["bacc"], "train_seconds": round(seconds, 2),
                        "probe_seconds": round(probe_seconds, 2), "train_loss": result.losses.get("loss", 0.0)})
-        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
-        out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, len(self.data.train))
-        out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
-        out.set_meta_prop(SITE_REPORT_KEY, report)
         self.log_info(fl_ctx, f"round {rnd}: {self.optimizer_kind} trained {result.steps} steps in {seconds:.1f}s "
                               f"(statistics {probe_seconds:.1f}s), local model bacc {local_metrics['bacc']:.4f}")
-        return out.to_shareable()
-
-    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        dxo = from_shareable(shareable)
-        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
-        load_weights(self.model, dxo.data, f"model of '{owner}'")
-        metrics = self.evaluate(self.data.val)
-        self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': bacc {metrics['bacc']:.4f}")
-        return DXO(DataKind.METRICS, data=metrics).to_shareable()
-
-    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        if self.local_weights is None:
-            self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
-            return make_reply(ReturnCode.EMPTY_RESULT)
-        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()
+        return self._train_result(len(self.data.train), global_metrics, report)

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
@@ -36,51 +35,11 @@ from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, reso
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
 from ..training import SegmentationTrainer
-from ..workflows import SITE_REPORT_KEY
-from .base import SiteExecutor
+from .base import SiteExecutor, load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
 REPORTED_SCALARS = ("modality", "n_train", "n_val", "dice_local", "train_seconds", "train_<term>")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when available; anything else is passed to :class:`torch.device`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def weights_to_numpy(model: torch.nn.Module) -> Dict[str, np.ndarray]:
-    """A copy of the model's weights as numpy arrays (never views: loading other weights later must not change it)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def load_weights(model: torch.nn.Module, weights: Dict[str, Any], source: str) -> None:
-    """Load ``weights`` (numpy or tensors) into ``model``, with an error that says what does not match."""
-    state = model.state_dict()
-    missing = sorted(set(state) - set(weights))
-    extra = sorted(set(weights) - set(state))
-    if missing or extra:
-        raise ValueError(f"{source} does not match this site's model: missing {missing[:5]}, unexpected {extra[:5]}; "
-                         "check that the server's persistor and the executor use the same model arguments")
-    for name, value in weights.items():
-        tensor = torch.as_tensor(np.asarray(value))
-        if tensor.shape != state[name].shape:
-            raise ValueError(f"{source}: parameter '{name}' has shape {tuple(tensor.shape)}, "
-                             f"this site's model has {tuple(state[name].shape)}")
-        state[name].copy_(tensor.to(state[name].dtype))
-
-
-def save_state_atomic(state: Dict[str, Any], path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class SegmentationExecutor(SiteExecutor):
@@ -198,6 +157,9 @@ class SegmentationExecutor(SiteExecutor):
                  "extra": self.extra_state()}
         save_state_atomic(state, self._state_path())
 
+    def _validation_metrics(self) -> Dict[str, float]:
+        return self.evaluate()
+
     def evaluate(self) -> Dict[str, float]:
         return evaluate_segmentation(self.model, self.data.val, self.spec.num_classes, self.device,
                                      batch_size=self.batch_size, class_names=self.class_names,
@@ -239,24 +201,6 @@ class SegmentationExecutor(SiteExecutor):
         report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
                   "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
                   **{f"train_{k}": v for k, v in result.losses.items()}}
-        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
-        out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, len(self.data.train))
-        out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
-        out.set_meta_prop(SITE_REPORT_KEY, report)
         self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
                               f"local model dice {local_metrics['dice']:.4f}")
-        return out.to_shareable()
-
-    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        dxo = from_shareable(shareable)
-        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
-        load_weights(self.model, dxo.data, f"model of '{owner}'")
-        metrics = self.evaluate()
-        self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': dice {metrics['dice']:.4f}")
-        return DXO(DataKind.METRICS, data=metrics).to_shareable()
-
-    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        if self.local_weights is None:
-            self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
-            return make_reply(ReturnCode.EMPTY_RESULT)
-        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()
+        return self._train_result(len(self.data.train), global_metrics, report)
