@@ -30,28 +30,44 @@ def find_summary(path: str) -> str:
 
 def render(summary: dict) -> str:
     key = summary.get("key_metric", "dice")
-    lines = [f"Per round: {key} of the global model each site received (before local training)", ""]
+    test = summary.get("test") or {}
+    split = test.get("split", "validation")
+    lines = [f"Per round: {key} of the global model each site received (before local training), "
+             f"on validation (selects the best model) and on {split} (reported)", ""]
     rounds = summary.get("rounds", [])
     sites = sorted({s for r in rounds for s in r["sites"]})
-    lines.append("| round | " + " | ".join(sites) + " | mean | worst | gap |")
-    lines.append("|---" * (len(sites) + 4) + "|")
+    test_by_round = {c["round"]: c for c in test.get("rounds") or []}
+    lines.append("| round | " + " | ".join(f"{s} val" for s in sites) + " | val mean | "
+                 + " | ".join(f"{s} test" for s in sites) + " | test mean | test worst |")
+    lines.append("|---" * (2 * len(sites) + 4) + "|")
+    nan = float("nan")
     for r in rounds:
         f = r["fairness"] or {}
-        cells = [f"{r['sites'][s].get(key, float('nan')):.3f}" if s in r["sites"] else "" for s in sites]
-        lines.append(f"| {r['round']} | " + " | ".join(cells)
-                     + f" | {f.get('mean', float('nan')):.3f} | {f.get('worst', float('nan')):.3f} "
-                       f"| {f.get('gap', float('nan')):.3f} |")
+        t = test_by_round.get(r["round"], {})
+        cells = [f"{r['sites'][s].get(key, nan):.3f}" if s in r["sites"] else "" for s in sites]
+        tcells = [f"{t['sites'][s]:.3f}" if s in t.get("sites", {}) else "" for s in sites]
+        lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {f.get('mean', nan):.3f} | "
+                     + " | ".join(tcells) + f" | {t.get('mean', nan):.3f} | {t.get('worst', nan):.3f} |")
     cross = summary.get("cross_site")
     if cross:
-        lines += ["", f"Cross-site {key} (rows: models, columns: the sites' validation data)", "",
+        lines += ["", f"Cross-site {key} (rows: models, columns: the sites' {split} data)", "",
                   format_matrix(cross["matrix"])]
-        g = cross.get("global")
-        if g:
-            lines += ["", f"Final global model: mean {g['mean']:.3f}, worst {g['worst']:.3f} ({g['worst_site']}), "
-                          f"std {g['std']:.3f}, gap {g['gap']:.3f}"]
         if cross.get("local_in_site_mean") is not None and cross.get("local_cross_site_mean") is not None:
             lines.append(f"Local models: in-site {cross['local_in_site_mean']:.3f}, "
                          f"on other sites {cross['local_cross_site_mean']:.3f}")
+    if test.get("global"):
+        lines += ["", f"Reported ({split}):"]
+        for name, label in (("global", "final global model"), ("best_global", "best global model (chosen on "
+                                                                               "validation)")):
+            if test.get(name):
+                lines.append(f"- {label}: mean {test[name]['mean']:.3f}, worst site {test[name]['worst']:.3f}")
+        if test.get("last5"):
+            last = test["last5"]
+            lines.append(f"- mean over the last {last['n_models']} global models: mean {last['mean']:.3f}, "
+                         f"worst site {last['worst']:.3f}")
+        if test.get("stability"):
+            lines.append(f"- largest round-to-round change of the mean over them: "
+                         f"{test['stability']['last5_max_change']:.3f}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,10 @@ Files:
   mean), the site's training loss and sample count, and its local model's Dice after training.
 - ``fairness.csv``: one row per round: mean, worst site, std, max-min gap and Jain's index of per-site Dice.
 - ``cross_site_dice.csv``: the site-by-model Dice matrix of cross-site evaluation (rows: models, columns: sites).
-- ``metrics_summary.json``: all of the above in one document.
+- ``metrics_summary.json``: all of the above in one document, plus its ``"test"`` section (see
+  :func:`test_section`): the figures to report, computed on the sites' test splits.
+
+Model selection (``best_global``) uses validation Dice; every reported figure comes from the ``"test"`` section.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
 from .metrics import fairness_summary
+from .stability import round_stability
 
 METRICS_DIR = "metrics"
 SUMMARY_FILE = "metrics_summary.json"
@@ -75,13 +79,19 @@ class RunSummary:
         return entry
 
     def set_cross_site(self, results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Dict[str, Any]:
-        """Record cross-site evaluation, given as ``results[data_site][model_owner] = metrics``."""
+        """Record cross-site evaluation, given as ``results[data_site][model_owner] = metrics``.
+
+        Sites evaluate on their test split; a site without one evaluates on validation and says so with
+        ``on_test_split: 0``, which is recorded in ``validation_only_sites``."""
         matrix: Dict[str, Dict[str, float]] = {}
+        validation_only = set()
         for data_site, by_model in results.items():
             for owner, metrics in by_model.items():
                 if isinstance(metrics, Mapping) and self.key_metric in metrics:
                     model = SERVER_MODEL_NAMES.get(owner, owner)
                     matrix.setdefault(model, {})[data_site] = float(metrics[self.key_metric])
+                    if not metrics.get("on_test_split", 1.0):
+                        validation_only.add(data_site)
         sites = sorted({s for row in matrix.values() for s in row})
         local = [m for m in matrix if m not in SERVER_MODEL_NAMES.values()]
         in_site = [matrix[m][m] for m in local if m in matrix[m]]
@@ -94,6 +104,7 @@ class RunSummary:
             "best_global": fairness_summary(matrix["best_global"]) if matrix.get("best_global") else None,
             "local_in_site_mean": sum(in_site) / len(in_site) if in_site else None,
             "local_cross_site_mean": sum(off) / len(off) if off else None,
+            "validation_only_sites": sorted(validation_only),
         }
         self.data["cross_site"] = cross
         rows = [{"model": m, **{s: matrix[m].get(s, "") for s in sites}} for m in sorted(matrix)]
@@ -102,6 +113,7 @@ class RunSummary:
         return cross
 
     def save(self) -> None:
+        self.data["test"] = test_section(self.data.get("rounds") or [], self.data.get("cross_site"), self.key_metric)
         _atomic_write(os.path.join(self.dir, SUMMARY_FILE), json.dumps(self.data, indent=1, sort_keys=True))
         round_rows, fair_rows = [], []
         for entry in self.data["rounds"]:
@@ -123,3 +135,61 @@ def format_matrix(matrix: Mapping[str, Mapping[str, float]]) -> str:
         cells = [f"{matrix[model][s]:.3f}" if s in matrix[model] else "" for s in sites]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def test_section(rounds: List[Mapping[str, Any]], cross_site: Optional[Mapping[str, Any]],
+                 key_metric: str = "dice", window: int = 5) -> Dict[str, Any]:
+    """The figures to report, all on test data: ``{split, rounds, global, best_global, matrix, last5, stability}``.
+
+    Args:
+        rounds: per-round entries of the summary; a site's ``test_<key_metric>`` is the test score of the global
+            model it received that round (the model after ``round`` aggregations).
+        cross_site: the cross-site section; its matrix holds test scores when every site has a test split.
+        key_metric: the metric reported (``"dice"``).
+        window: how many final global models ``last5`` averages (the final model and the ones received in the
+            last ``window - 1`` rounds).
+
+    A site without a test split contributes its validation score instead; ``split`` then names those sites, so a
+    reader knows that the figures are biased by model selection there.
+    """
+    test_key = f"test_{key_metric}"
+    curve: List[Dict[str, Any]] = []
+    val_only = set()
+    for entry in rounds:
+        scores = {}
+        for site, metrics in entry["sites"].items():
+            if test_key in metrics:
+                scores[site] = float(metrics[test_key])
+            elif key_metric in metrics:
+                scores[site] = float(metrics[key_metric])
+                val_only.add(site)
+        if scores:
+            curve.append({"round": entry["round"], "model": f"round {entry['round']}", "sites": scores,
+                          **_mean_worst(scores)})
+    out: Dict[str, Any] = {"key_metric": key_metric, "rounds": curve, "global": None, "best_global": None,
+                           "matrix": None}
+    if cross_site and cross_site.get("matrix"):
+        matrix = cross_site["matrix"]
+        out["matrix"] = matrix
+        val_only |= set(cross_site.get("validation_only_sites") or [])
+        for name in ("global", "best_global"):
+            if matrix.get(name):
+                out[name] = _mean_worst(matrix[name])
+        if matrix.get("global"):
+            final_round = (curve[-1]["round"] + 1) if curve else 0
+            curve.append({"round": final_round, "model": "final", "sites": dict(matrix["global"]),
+                          **_mean_worst(matrix["global"])})
+    if curve:
+        tail = curve[-window:]
+        out["last5"] = {"mean": sum(c["mean"] for c in tail) / len(tail),
+                        "worst": sum(c["worst"] for c in tail) / len(tail), "n_models": len(tail)}
+        out["stability"] = round_stability([c["mean"] for c in curve], window)
+    else:
+        out["last5"] = out["stability"] = None
+    out["split"] = "test" if not val_only else f"validation at {sorted(val_only)} (no test split), test elsewhere"
+    return out
+
+
+def _mean_worst(scores: Mapping[str, float]) -> Dict[str, float]:
+    values = [float(v) for v in scores.values()]
+    return {"mean": sum(values) / len(values), "worst": min(values)}

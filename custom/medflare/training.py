@@ -37,27 +37,50 @@ class TrainResult:
     losses: Dict[str, float] = field(default_factory=dict)  # mean of each loss term over the last epoch
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``"adam"`` (Adam) or ``"sgd"`` (SGD with ``momentum``)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
 class SegmentationTrainer:
     """DiceCE training of a segmentation model with an optional FedProx term.
 
     Args:
         model: network returning logits ``(B, num_classes, *spatial)``.
         device: training device.
-        lr: Adam learning rate.
+        lr: learning rate.
         fedprox_mu: weight mu of the proximal term ``mu/2 * ||w - w_global||^2`` (0 disables it: FedAvg).
-        weight_decay: Adam weight decay.
+        weight_decay: weight decay.
+        optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
+        reset_optimizer: start every round (every call of :meth:`fit`) with a fresh optimiser, so no moment
+            estimates from the site's previous round act on the newly received global model. ``False`` keeps the
+            optimiser's state across rounds.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float = 3e-3, fedprox_mu: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, optimizer: str = "adam", reset_optimizer: bool = True) -> None:
         if fedprox_mu < 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
         self.model = model.to(device)
         self.device = device
         self.fedprox_mu = fedprox_mu
+        self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
+        self.reset_optimizer = reset_optimizer
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = self.new_optimizer()
         self._global_params: Optional[Dict[str, torch.Tensor]] = None
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimiser over the model's parameters."""
+        return make_optimizer(self.model.parameters(), self.optimizer_name, self.lr, self.weight_decay)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
@@ -81,6 +104,8 @@ class SegmentationTrainer:
 
     def start_round(self) -> None:
         """Called after the global weights are loaded and before the first step of a round."""
+        if self.reset_optimizer:
+            self.optimizer = self.new_optimizer()
         if self.fedprox_mu > 0:
             self._global_params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
 

@@ -12,7 +12,10 @@ can serve every site of a simulation (the simulator copies ``local/`` to every s
 datalist::
 
     {"datalist": "/data/brats/site-1.json", "base_dir": "/data/brats", "modality": "t1",
-     "train_key": "training", "val_key": "validation", "cache": "auto"}
+     "train_key": "training", "val_key": "validation", "test_key": "test", "cache": "auto"}
+
+``test_key`` names the held-out list used only for reporting (default ``"test"``); a datalist without it still
+works, and its reports say they fall back to validation data.
 
 ``cache``: ``true`` keeps the loaded data in memory, ``false`` reads it lazily, ``"auto"`` (default) caches when it
 fits ``$MEDFLARE_CACHE_LIMIT_GB`` (default 4).
@@ -34,7 +37,7 @@ from .datalist import DataError
 
 SITE_CONFIG_FILE = "medflare_site.json"
 SITE_CONFIG_ENV = "MEDFLARE_SITE_CONFIG"
-_DATALIST_KEYS = {"datalist", "base_dir", "modality", "train_key", "val_key", "cache"}
+_DATALIST_KEYS = {"datalist", "base_dir", "modality", "train_key", "val_key", "test_key", "cache"}
 _SYNTHETIC_KEYS = {"synthetic", "modality"}
 
 
@@ -52,6 +55,7 @@ class SiteDataConfig:
     base_dir: Optional[str] = None
     train_key: str = "training"
     val_key: str = "validation"
+    test_key: str = "test"
     cache: Any = "auto"
     modality: Optional[str] = None
     synthetic_modality: Optional[str] = None
@@ -102,6 +106,7 @@ def parse_site_config(raw: Dict[str, Any], site: str, source: str,
         base_dir = os.path.join(base, os.path.expanduser(base_dir))
     return SiteDataConfig(site=site, source=source, datalist=datalist, base_dir=base_dir,
                           train_key=entry.get("train_key", "training"), val_key=entry.get("val_key", "validation"),
+                          test_key=entry.get("test_key", "test"),
                           cache=entry.get("cache", "auto"), modality=entry.get("modality"))
 
 

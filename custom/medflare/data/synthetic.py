@@ -61,6 +61,17 @@ MODALITIES: Dict[str, ModalityStyle] = {
     "flair": ModalityStyle(lut=(0.40, 0.70, 0.10), bias=(0.1, 0.25), noise=0.03, texture=0.04),
 }
 
+# the "ellipses" variant: other anatomy (elongated, rotated organs; lesions of varied shape) and other contrasts
+# (each modality's tissue ordering kept, levels, noise and a per-image gamma changed), for checking that training
+# defaults chosen on the default variant carry over to data they were not tuned on
+ELLIPSE_MODALITIES: Dict[str, ModalityStyle] = {
+    "t1": ModalityStyle(lut=(0.10, 0.50, 0.25), bias=(0.05, 0.2), noise=0.06, texture=0.06),
+    "t2": ModalityStyle(lut=(0.10, 0.30, 0.80), bias=(0.05, 0.2), noise=0.06, texture=0.06),
+    "ct": ModalityStyle(lut=(0.55, 0.30, 0.85), bias=(0.0, 0.0), noise=0.08, texture=0.03),
+    "flair": ModalityStyle(lut=(0.30, 0.65, 0.05), bias=(0.05, 0.2), noise=0.06, texture=0.06),
+}
+VARIANTS: Tuple[str, ...] = ("blobs", "ellipses")
+
 DEFAULT_MODALITIES: Tuple[str, ...] = ("t1", "t2", "ct", "flair")
 
 
@@ -71,17 +82,23 @@ class SyntheticSegConfig:
     Args:
         modalities: modality of site-1, site-2, ...; see :data:`MODALITIES`.
         n_train: training images per site.
-        n_val: validation images per site.
+        n_val: validation images per site (model selection).
+        n_test: test images per site (reporting only; never used to choose anything).
         size: edge length in pixels (voxels in 3D); must be at least 48 in 2D and 32 in 3D.
         spatial_dims: 2 or 3.
-        seed: benchmark seed; site ``k`` draws training data from ``seed*100+k`` and validation from ``seed*100+50+k``.
+        variant: ``"blobs"`` (default: round organs and lesions) or ``"ellipses"`` (elongated rotated organs,
+            lesions of varied shape, other contrast levels and noise, a random gamma per image).
+        seed: benchmark seed; site ``k`` draws training data from ``seed*100+k``, validation from ``seed*100+50+k``
+            and test data from ``seed*100+25+k`` (so adding the test split left the other two unchanged).
     """
 
     modalities: Tuple[str, ...] = DEFAULT_MODALITIES
     n_train: int = 160
     n_val: int = 40
+    n_test: int = 100
     size: int = 64
     spatial_dims: int = 2
+    variant: str = "blobs"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,17 +106,22 @@ class SyntheticSegConfig:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown synthetic modality {unknown}; known: {sorted(MODALITIES)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown synthetic variant {self.variant!r}; known: {list(VARIANTS)}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         min_size = 48 if self.spatial_dims == 2 else 32
         if self.size < min_size:
             raise ValueError(f"synthetic size must be >= {min_size} for {self.spatial_dims}D, got {self.size}")
-        if self.n_train < 1 or self.n_val < 1:
-            raise ValueError("n_train and n_val must be >= 1")
+        if self.n_train < 1 or self.n_val < 1 or self.n_test < 1:
+            raise ValueError("n_train, n_val and n_test must be >= 1")
 
     def fingerprint(self) -> str:
-        """Short hash of the settings, used to name the on-disk cache."""
-        payload = json.dumps(asdict(self), sort_keys=True).encode()
+        """Short hash of the settings, used to name the on-disk cache (the default variant hashes as before)."""
+        settings = asdict(self)
+        if settings["variant"] == "blobs":
+            settings.pop("variant")
+        payload = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha1(payload).hexdigest()[:12]
 
 
@@ -124,15 +146,42 @@ def make_label_map(shape: Tuple[int, ...], rs: np.random.RandomState) -> np.ndar
     return label
 
 
+def _ellipsoids(shape: Tuple[int, ...], rs: np.random.RandomState, n_objs: int, rad_min: float,
+                rad_max: float, elongation: Tuple[float, float]) -> np.ndarray:
+    """Binary mask of ``n_objs`` randomly rotated ellipses (2D) or ellipsoids (3D)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
+    mask = np.zeros(shape, dtype=bool)
+    dims = len(shape)
+    for _ in range(n_objs):
+        radii = np.full(dims, rs.uniform(rad_min, rad_max))
+        radii[0] *= rs.uniform(*elongation)
+        rotation, _ = np.linalg.qr(rs.normal(size=(dims, dims)))
+        margin = min(radii.max(), min(shape) / 2 - 1)
+        centre = np.array([rs.uniform(margin, n - margin) for n in shape])
+        local = (grid - centre) @ rotation
+        mask |= np.sum((local / radii) ** 2, axis=-1) <= 1.0
+    return mask
+
+
+def make_ellipse_label_map(shape: Tuple[int, ...], rs: np.random.RandomState) -> np.ndarray:
+    """Label map of the ``"ellipses"`` variant: 1-2 elongated organs, 2-6 lesions of varied shape inside them."""
+    edge = min(shape)
+    organ = _ellipsoids(shape, rs, rs.randint(1, 3), edge / 8, edge / 5, (1.5, 2.5))
+    lesion = _ellipsoids(shape, rs, rs.randint(2, 7), 1.5, max(2.5, edge / 14), (1.0, 2.0))
+    label = organ.astype(np.uint8)
+    label[organ & lesion] = 2
+    return label
+
+
 def _smooth_noise(shape: Tuple[int, ...], rs: np.random.RandomState, sigma: float = 3.0) -> np.ndarray:
     noise = torch.as_tensor(rs.normal(size=(1, *shape)), dtype=torch.float32)
     smooth = GaussianSmooth(sigma)(noise)[0].numpy()
     return smooth / (smooth.std() + 1e-8)
 
 
-def render(label: np.ndarray, modality: str, rs: np.random.RandomState) -> np.ndarray:
-    """Render a label map as an image of ``modality``, scaled to [0, 1] (float32)."""
-    style = MODALITIES[modality]
+def render(label: np.ndarray, modality: str, rs: np.random.RandomState, variant: str = "blobs") -> np.ndarray:
+    """Render a label map as an image of ``modality`` (in the benchmark ``variant``), scaled to [0, 1] (float32)."""
+    style = (ELLIPSE_MODALITIES if variant == "ellipses" else MODALITIES)[modality]
     lut = np.asarray(style.lut) + rs.uniform(-0.04, 0.04, size=3)  # per-subject contrast jitter
     image = lut[label] + style.texture * _smooth_noise(label.shape, rs)
     if style.bias[1] > 0:
@@ -141,7 +190,10 @@ def render(label: np.ndarray, modality: str, rs: np.random.RandomState) -> np.nd
         image = np.asarray(field(image[None].astype(np.float32)))[0]
     image = image + rs.normal(0.0, style.noise, size=image.shape)
     lo, hi = image.min(), image.max()
-    return ((image - lo) / (hi - lo + 1e-8)).astype(np.float32)
+    image = (image - lo) / (hi - lo + 1e-8)
+    if variant == "ellipses":
+        image = image ** rs.uniform(0.7, 1.4)
+    return image.astype(np.float32)
 
 
 def make_site_arrays(config: SyntheticSegConfig, site_index: int, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -150,19 +202,20 @@ def make_site_arrays(config: SyntheticSegConfig, site_index: int, split: str) ->
     Args:
         config: benchmark settings.
         site_index: 0-based index into ``config.modalities``.
-        split: ``"train"`` or ``"val"``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
     """
     if not 0 <= site_index < len(config.modalities):
         raise ValueError(f"site index {site_index} out of range for {len(config.modalities)} synthetic sites")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    offset = 0 if split == "train" else 50
-    rs = np.random.RandomState(config.seed * 100 + offset + site_index + 1)
-    n = config.n_train if split == "train" else config.n_val
+    offsets = {"train": 0, "test": 25, "val": 50}
+    if split not in offsets:
+        raise ValueError(f"split must be one of {sorted(offsets)}, got {split!r}")
+    rs = np.random.RandomState(config.seed * 100 + offsets[split] + site_index + 1)
+    n = {"train": config.n_train, "val": config.n_val, "test": config.n_test}[split]
     shape = (config.size,) * config.spatial_dims
     modality = config.modalities[site_index]
-    labels = [make_label_map(shape, rs) for _ in range(n)]
-    images = [render(lab, modality, rs) for lab in labels]
+    make_labels = make_ellipse_label_map if config.variant == "ellipses" else make_label_map
+    labels = [make_labels(shape, rs) for _ in range(n)]
+    images = [render(lab, modality, rs, config.variant) for lab in labels]
     return np.stack(images), np.stack(labels)
 
 
@@ -188,8 +241,8 @@ def write_site_dataset(config: SyntheticSegConfig, site_index: int, out_dir: str
     modality = config.modalities[site_index]
     os.makedirs(os.path.join(out_dir, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "labelsTr"), exist_ok=True)
-    entries: Dict[str, List[Dict[str, str]]] = {"training": [], "validation": []}
-    for split, key in (("train", "training"), ("val", "validation")):
+    entries: Dict[str, List[Dict[str, str]]] = {"training": [], "validation": [], "test": []}
+    for split, key in (("train", "training"), ("val", "validation"), ("test", "test")):
         images, labels = make_site_arrays(config, site_index, split)
         for i, (img, lab) in enumerate(zip(images, labels)):
             name = f"{split}_{i:04d}.nii.gz"
@@ -232,7 +285,7 @@ def ensure_site_dataset(config: SyntheticSegConfig, site_index: int, cache_dir: 
         with open(datalist) as f:
             data = json.load(f)
         return SiteDataset(site_index, modality, final, datalist,
-                           {k: len(data.get(k, [])) for k in ("training", "validation")})
+                           {k: len(data.get(k, [])) for k in ("training", "validation", "test")})
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
     try:

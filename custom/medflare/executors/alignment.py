@@ -39,7 +39,7 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
 
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> AdversarialSegmentationTrainer:
         return AdversarialSegmentationTrainer(model, device, adv_weight=self.adv_weight, disc_lr=self.disc_lr,
-                                              disc_hidden=self.disc_hidden, lr=self.lr, fedprox_mu=self.fedprox_mu)
+                                              disc_hidden=self.disc_hidden, **self.trainer_args())
 
     def unpack_train_data(self, dxo: DXO) -> Dict[str, Any]:
         self._peer = None

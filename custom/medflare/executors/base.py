@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -27,6 +28,36 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+DEFAULT_NUM_THREADS = 1
+
+
+def configure_torch(num_threads: int, seed: int) -> int:
+    """Fix the CPU thread count and seed every random generator a site uses; returns the thread count set.
+
+    ``num_threads > 0`` sets that many intra-op threads. ``0`` means "not set in the job": the site's
+    ``MEDFLARE_NUM_THREADS`` environment variable if present, else :data:`DEFAULT_NUM_THREADS` (1). One thread per
+    site keeps the sites of a simulation or POC on one host from competing for cores (oversubscription made
+    identical rounds vary 50-fold in time) and makes results reproducible bit for bit on any host, since CPU kernels
+    may reduce in a different order with another thread count. A hospital server running one site sets its own
+    count (the variable, or the executor argument) and keeps it fixed. GPU training is unaffected.
+    """
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    if num_threads == 0:
+        env = os.environ.get("MEDFLARE_NUM_THREADS", "")
+        try:
+            num_threads = int(env) if env else DEFAULT_NUM_THREADS
+        except ValueError:
+            raise ValueError(f"MEDFLARE_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if num_threads < 1:
+            raise ValueError(f"MEDFLARE_NUM_THREADS must be a positive integer, got {env!r}")
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return num_threads
 
 
 def weights_to_numpy(model: torch.nn.Module) -> Dict[str, np.ndarray]:

@@ -22,7 +22,6 @@ Images and labels never do. The last local model (and its round) and the optimis
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -41,7 +40,7 @@ from ..classification.data import ClsSiteData, load_cls_site_data, synthetic_con
 from ..classification.training import ClassificationTrainer, evaluate_classifier
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
-from .base import SiteExecutor
+from .base import SiteExecutor, configure_torch
 from .base import load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
@@ -80,7 +79,8 @@ class ClassificationExecutor(SiteExecutor):
         eval_batch_size: evaluation batch size.
         seed: seed of shuffling and initialisation at this site.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        num_threads: CPU threads for torch (0 keeps torch's default).
+        num_threads: CPU threads for torch; 0 (default): ``$MEDFLARE_NUM_THREADS`` or 1 (see
+            :func:`medflare.executors.base.configure_torch`).
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
     """
 
@@ -121,11 +121,7 @@ class ClassificationExecutor(SiteExecutor):
     def _ensure_ready(self, fl_ctx: FLContext) -> None:
         if self.trainer is not None:
             return
-        if self.num_threads > 0:
-            torch.set_num_threads(self.num_threads)
-        torch.manual_seed(self.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed)
+        threads = configure_torch(self.num_threads, self.seed)
         start = time.time()
         with_test = self.global_test_sites is None or self.site in self.global_test_sites
         self.data = load_cls_site_data(self.site, self._local_dir, self.synthetic, self.num_classes,
@@ -135,6 +131,7 @@ class ClassificationExecutor(SiteExecutor):
                               f"{self.data.class_counts}, global test sets {sorted(self.data.global_test)} "
                               f"(loaded in {time.time() - start:.1f}s)")
         self.device = resolve_device(self.device_name)
+        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
         self.model = build_model(self.model_name, **self.model_args).to(self.device)
         self.trainer = ClassificationTrainer(self.model, self.device, self.data.class_counts, lr=self.lr,
                                              weight_decay=self.weight_decay, optimizer=self.optimizer_kind,

@@ -4,9 +4,12 @@ Per ``train`` task the site:
 
 1. loads the received global weights,
 2. evaluates them on its validation split (per-class Dice; sent back as the *initial metrics* that drive
-   best-model selection and the server's per-round fairness report),
+   best-model selection) and on its test split (``test_dice``...: reported, never used to choose anything),
 3. trains ``local_epochs`` epochs (DiceCE, optional FedProx term),
 4. returns the new weights, the number of training samples, and a few documented scalars.
+
+Cross-site evaluation (``validate``) scores each model it is sent on the site's test split, or on its validation
+split when the site has no test list (the result then says ``on_test_split: 0``).
 
 What leaves the site: model weights, the sample count, and the scalars listed in :data:`REPORTED_SCALARS`.
 Images, labels and features never do.
@@ -18,7 +21,6 @@ kept in ``<app dir>/medflare_client_state.pt`` and reloaded when FLARE restarts 
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -35,11 +37,12 @@ from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, reso
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
 from ..training import SegmentationTrainer
-from .base import SiteExecutor, load_weights, resolve_device, save_state_atomic, weights_to_numpy
+from .base import SiteExecutor, configure_torch, load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
-REPORTED_SCALARS = ("modality", "n_train", "n_val", "dice_local", "train_seconds", "train_<term>")
+REPORTED_SCALARS = ("modality", "n_train", "n_val", "n_test", "test_dice", "test_dice_<class>", "dice_local",
+                    "train_seconds", "train_<term>")
 
 
 class SegmentationExecutor(SiteExecutor):
@@ -57,13 +60,17 @@ class SegmentationExecutor(SiteExecutor):
         window: ``[low, high]`` for ``intensity="window"`` (e.g. a CT window in HU).
         synthetic: settings of the built-in benchmark used by sites without a data config
             (see :class:`medflare.data.SyntheticSegConfig`).
-        lr: Adam learning rate.
+        lr: learning rate of the local optimiser.
+        optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        reset_optimizer: start each round's local training with a fresh optimiser (``false`` keeps the moment
+            estimates of the site's previous round; see ``docs/training.md`` for the sweep behind the default).
         local_epochs: local epochs per round.
         batch_size: training batch size.
         fedprox_mu: FedProx proximal weight (0 = FedAvg).
         seed: seed of shuffling and initialisation at this site.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        num_threads: CPU threads for torch (0 keeps torch's default).
+        num_threads: CPU threads for torch; 0 (default): ``$MEDFLARE_NUM_THREADS`` or 1 (see
+            :func:`medflare.executors.base.configure_torch`).
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
         eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
     """
@@ -72,7 +79,7 @@ class SegmentationExecutor(SiteExecutor):
                  class_names: Sequence[str] = ("background", "organ", "lesion"), spatial_dims: int = 2,
                  spatial_size: Optional[Sequence[int]] = (64, 64), in_channels: int = 1, intensity: str = "minmax",
                  window: Optional[Sequence[float]] = None, synthetic: Optional[Dict[str, Any]] = None,
-                 lr: float = 3e-3, local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
+                 lr: float = 3e-3, optimizer: str = "adam", reset_optimizer: bool = True, local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None) -> None:
         super().__init__(tb_writer_id)
@@ -86,6 +93,7 @@ class SegmentationExecutor(SiteExecutor):
                            **model}
         self.class_names = list(class_names)
         self.lr, self.local_epochs, self.batch_size = lr, local_epochs, batch_size
+        self.optimizer, self.reset_optimizer = optimizer, reset_optimizer
         self.fedprox_mu, self.seed = fedprox_mu, seed
         self.device_name, self.num_threads = device, num_threads
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
@@ -100,7 +108,12 @@ class SegmentationExecutor(SiteExecutor):
     # ------------------------------------------------------------------ extension points
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
         """The local trainer; algorithms that change the local objective return a subclass here."""
-        return SegmentationTrainer(model, device, lr=self.lr, fedprox_mu=self.fedprox_mu)
+        return SegmentationTrainer(model, device, **self.trainer_args())
+
+    def trainer_args(self) -> Dict[str, Any]:
+        """Keyword arguments every trainer of this executor takes (optimiser, learning rate, FedProx)."""
+        return {"lr": self.lr, "fedprox_mu": self.fedprox_mu, "optimizer": self.optimizer,
+                "reset_optimizer": self.reset_optimizer}
 
     def unpack_train_data(self, dxo: DXO) -> Dict[str, Any]:
         """The global weights in a ``train`` task's DXO (subclasses accept richer payloads)."""
@@ -123,21 +136,21 @@ class SegmentationExecutor(SiteExecutor):
         """Load data, build model and trainer, restore saved state (once per worker process)."""
         if self.trainer is not None:
             return
-        if self.num_threads > 0:
-            torch.set_num_threads(self.num_threads)
-        torch.manual_seed(self.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed)
+        threads = configure_torch(self.num_threads, self.seed)
         config = resolve_site_config(self.site, self._local_dir, self.synthetic.modalities)
         start = time.time()
         self.data = load_site_data(config, self.spec, self.synthetic)
-        self.log_info(fl_ctx, f"site '{self.site}' data from {config.source}: {len(self.data.train)} training and "
-                              f"{len(self.data.val)} validation images (modality {self.data.modality or 'n/a'}, "
-                              f"datalist {self.data.datalist}) loaded in {time.time() - start:.1f}s")
+        n_test = len(self.data.test) if self.data.test is not None else 0
+        self.log_info(fl_ctx, f"site '{self.site}' data from {config.source}: {len(self.data.train)} training, "
+                              f"{len(self.data.val)} validation and {n_test} test images "
+                              f"(modality {self.data.modality or 'n/a'}, datalist {self.data.datalist}) loaded in "
+                              f"{time.time() - start:.1f}s")
+        if self.data.test_note:
+            self.log_warning(fl_ctx, self.data.test_note)
         self.device = resolve_device(self.device_name)
         self.model = build_model(self.model_name, **self.model_args)
         self.trainer = self.create_trainer(self.model, self.device)
-        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device}")
+        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
         self._restore_state(fl_ctx)
 
     def _restore_state(self, fl_ctx: FLContext) -> None:
@@ -158,12 +171,23 @@ class SegmentationExecutor(SiteExecutor):
         save_state_atomic(state, self._state_path())
 
     def _validation_metrics(self) -> Dict[str, float]:
-        return self.evaluate()
+        """Cross-site evaluation: the test split (validation when the site has none, flagged)."""
+        on_test = self.data.test is not None
+        return {**self.evaluate("test" if on_test else "val"), "on_test_split": float(on_test)}
 
-    def evaluate(self) -> Dict[str, float]:
-        return evaluate_segmentation(self.model, self.data.val, self.spec.num_classes, self.device,
+    def evaluate(self, split: str = "val") -> Dict[str, float]:
+        """Metrics of the current model on this site's ``"val"`` or ``"test"`` split."""
+        dataset = {"val": self.data.val, "test": self.data.test}[split]
+        return evaluate_segmentation(self.model, dataset, self.spec.num_classes, self.device,
                                      batch_size=self.batch_size, class_names=self.class_names,
                                      roi_size=self.eval_roi_size)
+
+    def test_metrics(self) -> Dict[str, float]:
+        """``test_``-prefixed metrics of the current model on the test split (empty without one)."""
+        if self.data.test is None:
+            return {}
+        metrics = self.evaluate("test")
+        return {"n_test": metrics.pop("n_images"), **{f"test_{k}": v for k, v in metrics.items()}}
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)
@@ -172,9 +196,11 @@ class SegmentationExecutor(SiteExecutor):
         load_weights(self.model, self.unpack_train_data(dxo), f"global model of round {rnd}")
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
+        test_metrics = self.test_metrics()
         self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model dice on '{self.site}' = "
-                              f"{global_metrics['dice']:.4f}")
-        for k, v in global_metrics.items():
+                              f"{global_metrics['dice']:.4f} (validation)"
+                      + (f", {test_metrics['test_dice']:.4f} (test)" if test_metrics else ""))
+        for k, v in {**global_metrics, **test_metrics}.items():
             self._tb_scalar(f"global_{k}", v, rnd)
         self.prepare_round(dxo, rnd, fl_ctx)
 
@@ -199,7 +225,7 @@ class SegmentationExecutor(SiteExecutor):
         self._save_state()
 
         report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
-                  "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
+                  **test_metrics, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
                   **{f"train_{k}": v for k, v in result.losses.items()}}
         self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
                               f"local model dice {local_metrics['dice']:.4f}")

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Federated segmentation without FLARE: the same sites, data, model, trainer and averaging, in one process.
+
+This is the floor the FLARE jobs are measured against (no messaging, no polling, no persistence) and the fast way
+to sweep training settings: a round costs only the sites' local training and the evaluation of the global model.
+Each site gets its own trainer, seeded and shuffled exactly as :class:`medflare.executors.SegmentationExecutor`
+does, so a run here follows the FLARE job's trajectory step for step at the same thread count.
+
+    python benchmarks/bare_loop.py --rounds 20 --seed 0 --set optimizer=sgd lr=0.01
+    python benchmarks/bare_loop.py --grid reset_optimizer=true,false --seeds 0 1 --out results/sweeps/reset.json
+
+Every round the global model is evaluated on every site's validation split (model selection) and test split
+(reporting). Prints one line per run with final and last-5 test Dice and the round-to-round change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "custom"))
+
+from medflare.aggregation import sample_weights, weighted_average  # noqa: E402
+from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config  # noqa: E402
+from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
+from medflare.metrics import evaluate_segmentation  # noqa: E402
+from medflare.networks import build_model  # noqa: E402
+from medflare.stability import round_stability  # noqa: E402
+from medflare.training import SegmentationTrainer  # noqa: E402
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one in-process federated run (the executor's training arguments plus the server rule).
+
+    ``server_lr`` and ``server_momentum`` apply the averaged update through a server SGD step
+    (FedAvgM; ``server_lr=1, server_momentum=0`` is FedAvg).
+    """
+
+    rounds: int = 20
+    seed: int = 0
+    lr: float = 3e-3
+    optimizer: str = "adam"
+    reset_optimizer: bool = False
+    local_epochs: int = 1
+    batch_size: int = 16
+    fedprox_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    synthetic: Dict[str, Any] = field(default_factory=lambda: {"modalities": ["t1", "t2", "ct"]})
+    threads: int = 1
+
+
+def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
+    """Train ``cfg.rounds`` rounds; return per-round per-site val/test Dice and timings."""
+    torch.set_num_threads(cfg.threads)
+    syn = SyntheticSegConfig(**{**cfg.synthetic, "seed": cfg.synthetic.get("seed", cfg.seed)})
+    spec = ImageSpec(spatial_dims=syn.spatial_dims, spatial_size=(syn.size,) * syn.spatial_dims)
+    sites = [f"site-{k + 1}" for k in range(len(syn.modalities))]
+    start = time.time()
+    data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
+    device = torch.device("cpu")
+    model_args = {"spatial_dims": syn.spatial_dims}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        global_model = build_model("unet", **model_args)
+    global_w = weights_to_numpy(global_model)
+    trainers = {}
+    for s in sites:
+        torch.manual_seed(cfg.seed)
+        trainers[s] = SegmentationTrainer(build_model("unet", **model_args), device, lr=cfg.lr,
+                                          fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer,
+                                          reset_optimizer=cfg.reset_optimizer)
+    n = {s: float(len(data[s].train)) for s in sites}
+    velocity: Optional[Dict[str, np.ndarray]] = None
+    rounds: List[Dict[str, Any]] = []
+    setup_s = time.time() - start
+    train_s = eval_s = 0.0
+
+    def evaluate(weights):
+        load_weights(global_model, weights, "global")
+        return ({s: evaluate_segmentation(global_model, data[s].val, 3, device)["dice"] for s in sites},
+                {s: evaluate_segmentation(global_model, data[s].test, 3, device)["dice"] for s in sites})
+
+    for rnd in range(cfg.rounds + 1):
+        t0 = time.time()
+        val, test = evaluate(global_w)
+        eval_s += time.time() - t0
+        rounds.append({"round": rnd, "val": val, "test": test})
+        if on_round:
+            on_round(rounds[-1])
+        if rnd == cfg.rounds:
+            break
+        t0 = time.time()
+        updates = {}
+        for s in sites:
+            tr = trainers[s]
+            load_weights(tr.model, global_w, "global")
+            tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
+            updates[s] = weights_to_numpy(tr.model)
+        avg = weighted_average(updates, sample_weights(n))
+        if cfg.server_lr == 1.0 and cfg.server_momentum == 0.0:
+            global_w = avg
+        else:
+            step = {k: global_w[k] - avg[k] for k in global_w}
+            if velocity is None:
+                velocity = {k: np.zeros_like(v) for k, v in step.items()}
+            velocity = {k: cfg.server_momentum * velocity[k] + step[k] for k in step}
+            global_w = {k: (global_w[k] - cfg.server_lr * velocity[k]).astype(global_w[k].dtype) for k in step}
+        train_s += time.time() - t0
+    mean_test = [float(np.mean(list(r["test"].values()))) for r in rounds]
+    worst_test = [float(np.min(list(r["test"].values()))) for r in rounds]
+    mean_val = [float(np.mean(list(r["val"].values()))) for r in rounds]
+    best = int(np.argmax(mean_val[1:])) + 1
+    return {"config": cfg.__dict__, "sites": sites, "rounds": rounds, "mean_test": mean_test,
+            "worst_test": worst_test, "best_round": best, "best_test_mean": mean_test[best],
+            "stability": round_stability(mean_test[1:]), "seconds": {"setup": setup_s, "train": train_s,
+                                                                       "eval": eval_s}}
+
+
+def summary_line(result: Dict[str, Any], label: str) -> str:
+    st = result["stability"]
+    return (f"{label:45s} final {result['mean_test'][-1]:.3f} worst {result['worst_test'][-1]:.3f} "
+            f"last5 {st['last5_mean']:.3f} swing {st['last5_max_change']:.3f} best@val {result['best_test_mean']:.3f} "
+            f"({result['seconds']['train']:.0f}s)")
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--set", nargs="*", default=[], help="key=value settings of LoopConfig")
+    ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 ... swept as a product")
+    ap.add_argument("--synthetic", default="{}", help="JSON settings of the benchmark (merged into the default)")
+    ap.add_argument("--out", help="append results as JSON lines to this file")
+    args = ap.parse_args(argv)
+    base = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    grid = [(k, [parse_value(x) for x in v.split(",")]) for k, v in (item.split("=", 1) for item in args.grid)]
+    synthetic = {"modalities": ["t1", "t2", "ct"], **json.loads(args.synthetic)}
+    for combo in itertools.product(*[values for _, values in grid]) if grid else [()]:
+        settings = {**base, **{k: v for (k, _), v in zip(grid, combo)}}
+        for seed in args.seeds:
+            cfg = LoopConfig(rounds=args.rounds, seed=seed, synthetic=dict(synthetic), **settings)
+            result = run(cfg)
+            label = ",".join(f"{k}={v}" for k, v in settings.items()) + f" s{seed}"
+            print(summary_line(result, label), flush=True)
+            if args.out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({"label": label, "settings": settings, **result}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
