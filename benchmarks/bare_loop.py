@@ -31,12 +31,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "custom"))
 
 from medflare.aggregation import sample_weights, weighted_average  # noqa: E402
+from medflare.alignment import DomainAdversarialTrainer, adversarial_weight, domain_accuracy  # noqa: E402
 from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config  # noqa: E402
 from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
+from medflare.probe import linear_probe_accuracy, site_feature_set  # noqa: E402
 from medflare.stability import round_stability  # noqa: E402
-from medflare.training import SegmentationTrainer  # noqa: E402
+from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
 
 
 @dataclass
@@ -52,6 +54,7 @@ class LoopConfig:
     lr: float = 3e-3
     optimizer: str = "adam"
     reset_optimizer: bool = False
+    lr_schedule: str = "constant"
     local_epochs: int = 1
     batch_size: int = 16
     fedprox_mu: float = 0.0
@@ -59,6 +62,9 @@ class LoopConfig:
     server_momentum: float = 0.0
     synthetic: Dict[str, Any] = field(default_factory=lambda: {"modalities": ["t1", "t2", "ct"]})
     threads: int = 1
+    method: str = "fedavg"  # or "fedda": domain-adversarial alignment among sites
+    adv_weight: float = 0.1
+    warmup_rounds: int = 2
 
 
 def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
@@ -70,17 +76,24 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     start = time.time()
     data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
     device = torch.device("cpu")
-    model_args = {"spatial_dims": syn.spatial_dims}
+    if cfg.method not in ("fedavg", "fedda"):
+        raise ValueError(f"unknown method {cfg.method!r}")
+    name = "unet_domain" if cfg.method == "fedda" else "unet"
+    model_args = {"spatial_dims": syn.spatial_dims, **({"n_domains": len(sites)} if cfg.method == "fedda" else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        global_model = build_model("unet", **model_args)
+        global_model = build_model(name, **model_args)
     global_w = weights_to_numpy(global_model)
     trainers = {}
-    for s in sites:
+    train_args = dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer,
+                      reset_optimizer=cfg.reset_optimizer)
+    for i, s in enumerate(sites):
         torch.manual_seed(cfg.seed)
-        trainers[s] = SegmentationTrainer(build_model("unet", **model_args), device, lr=cfg.lr,
-                                          fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer,
-                                          reset_optimizer=cfg.reset_optimizer)
+        if cfg.method == "fedda":
+            trainers[s] = DomainAdversarialTrainer(build_model(name, **model_args), device, i,
+                                                   adv_weight=cfg.adv_weight, **train_args)
+        else:
+            trainers[s] = SegmentationTrainer(build_model(name, **model_args), device, **train_args)
     n = {s: float(len(data[s].train)) for s in sites}
     velocity: Optional[Dict[str, np.ndarray]] = None
     rounds: List[Dict[str, Any]] = []
@@ -95,8 +108,12 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     for rnd in range(cfg.rounds + 1):
         t0 = time.time()
         val, test = evaluate(global_w)
+        entry = {"round": rnd, "val": val, "test": test}
+        if cfg.method == "fedda":
+            entry["domain_acc"] = {s: domain_accuracy(global_model, data[s].val, i, device)
+                                   for i, s in enumerate(sites)}
         eval_s += time.time() - t0
-        rounds.append({"round": rnd, "val": val, "test": test})
+        rounds.append(entry)
         if on_round:
             on_round(rounds[-1])
         if rnd == cfg.rounds:
@@ -106,6 +123,9 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         for s in sites:
             tr = trainers[s]
             load_weights(tr.model, global_w, "global")
+            tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.rounds))
+            if cfg.method == "fedda":
+                tr.current_weight = adversarial_weight(rnd, cfg.adv_weight, cfg.warmup_rounds)
             tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
             updates[s] = weights_to_numpy(tr.model)
         avg = weighted_average(updates, sample_weights(n))
@@ -122,7 +142,10 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     worst_test = [float(np.min(list(r["test"].values()))) for r in rounds]
     mean_val = [float(np.mean(list(r["val"].values()))) for r in rounds]
     best = int(np.argmax(mean_val[1:])) + 1
-    return {"config": cfg.__dict__, "sites": sites, "rounds": rounds, "mean_test": mean_test,
+    load_weights(global_model, global_w, "global")
+    probe = linear_probe_accuracy(*site_feature_set(global_model, {s: data[s].test for s in sites}, device),
+                                  seed=cfg.seed)
+    return {"probe_accuracy": probe, "config": cfg.__dict__, "sites": sites, "rounds": rounds, "mean_test": mean_test,
             "worst_test": worst_test, "best_round": best, "best_test_mean": mean_test[best],
             "stability": round_stability(mean_test[1:]), "seconds": {"setup": setup_s, "train": train_s,
                                                                        "eval": eval_s}}
@@ -132,6 +155,7 @@ def summary_line(result: Dict[str, Any], label: str) -> str:
     st = result["stability"]
     return (f"{label:45s} final {result['mean_test'][-1]:.3f} worst {result['worst_test'][-1]:.3f} "
             f"last5 {st['last5_mean']:.3f} swing {st['last5_max_change']:.3f} best@val {result['best_test_mean']:.3f} "
+            f"probe {result['probe_accuracy']:.2f} "
             f"({result['seconds']['train']:.0f}s)")
 
 

@@ -1,6 +1,16 @@
-"""Adversarial feature alignment (FedDA's local objective), in plain PyTorch.
+"""Adversarial feature alignment (FedDA's local objective), in plain PyTorch. Two designs:
 
-A site's *source* features are its local encoder's bottleneck features of a local batch; *target* features are the
+**Domain-adversarial alignment among sites** (:class:`DomainAdversarialTrainer`, FedDA's default). The model carries
+a domain head (:class:`~medflare.networks.DomainHeadUNet`) that predicts from pooled bottleneck features which site
+an image came from. Each site trains the head towards its own index on its own (detached) features; the server
+averages the head with the rest of the model, and the average of these one-class updates is a step of a K-way site
+classifier over everybody's features, although no feature leaves a site. The encoder, in turn, is trained to
+confuse the *received* (frozen) head: cross-entropy of its prediction against the uniform distribution. Once the
+encoder wins, one site's features cannot be told apart from another's: the modalities are aligned among sites.
+Per step: ``L = DiceCE + CE(head(f.detach()), site) + lambda_t * CE(head_received(f), uniform)``.
+
+**Alignment to a target encoder** (:class:`AdversarialSegmentationTrainer`, the reconstruction of the paper's
+summary; mode ``"target"``). A site's *source* features are its local encoder's bottleneck features of a local batch; *target* features are the
 same batch encoded by a frozen reference encoder: the received global encoder (FedDA-joint) or a peer site's encoder
 from the previous round (FedDA-cyclic). A local, patch-level discriminator learns to tell them apart, and the
 encoder learns to make its features indistinguishable from the target's, so that features become
@@ -141,3 +151,73 @@ class AdversarialSegmentationTrainer(SegmentationTrainer):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.discriminator.load_state_dict(state["discriminator"])
         self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the uniform distribution over classes (minimal when the prediction is
+    uniform, i.e. the classifier cannot tell the classes apart)."""
+    return -F.log_softmax(logits, dim=1).mean()
+
+
+@torch.no_grad()
+def domain_accuracy(model: nn.Module, dataset: Any, domain_index: int, device: torch.device,
+                    batch_size: int = 32) -> float:
+    """Fraction of ``dataset``'s images whose domain-head prediction is ``domain_index`` (this site)."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        features = model.encode(batch["image"].to(device))
+        pred = model.domain_head(model.pool(features)).argmax(dim=1)
+        hits += int((pred == domain_index).sum())
+        total += pred.numel()
+    model.train(was_training)
+    return hits / max(total, 1)
+
+
+class DomainAdversarialTrainer(SegmentationTrainer):
+    """:class:`SegmentationTrainer` with domain-adversarial alignment among sites (see the module docstring).
+
+    Args:
+        model: a :class:`~medflare.networks.DomainHeadUNet`.
+        device: training device.
+        domain_index: this site's index among the ``model.n_domains`` sites.
+        adv_weight: weight of the encoder's confusion loss once warm-up is over.
+        **kwargs: :class:`SegmentationTrainer` arguments.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, domain_index: int, adv_weight: float = 0.1,
+                 **kwargs: Any) -> None:
+        if not hasattr(model, "domain_head"):
+            raise TypeError("domain-adversarial alignment needs a model with a domain head (model name "
+                            "'unet_domain')")
+        if not 0 <= domain_index < model.n_domains:
+            raise ValueError(f"domain index {domain_index} is outside the model's {model.n_domains} domains")
+        super().__init__(model, device, **kwargs)
+        self.domain_index = domain_index
+        self.adv_weight = adv_weight
+        self.current_weight = adv_weight
+        self.received_head: Optional[nn.Module] = None
+
+    def start_round(self) -> None:
+        """Freeze a copy of the received domain head: the encoder confuses the federation's head, not the one
+        this site is fitting to its own features during the round."""
+        super().start_round()
+        head = copy.deepcopy(self.model.domain_head)
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.received_head = head
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        if self.received_head is None:
+            self.start_round()
+        logits, features = self.model.forward_with_features(images)
+        pooled = self.model.pool(features)
+        target = torch.full((images.shape[0],), self.domain_index, dtype=torch.long, device=images.device)
+        head_logits = self.model.domain_head(pooled.detach())
+        terms = {"seg": self.loss_fn(logits, labels), "head": F.cross_entropy(head_logits, target)}
+        if self.current_weight > 0:
+            terms["adv"] = self.current_weight * confusion_loss(self.received_head(pooled))
+        out = self.optimise(terms)
+        out["head_acc"] = float((head_logits.argmax(dim=1) == target).float().mean())
+        return out

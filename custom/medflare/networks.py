@@ -91,7 +91,34 @@ class FeatureUNet(UNet):
         return {f"{name}.{k}" for name in self._encoder_names for k in self.get_submodule(name).state_dict()}
 
 
-MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet}
+class DomainHeadUNet(FeatureUNet):
+    """:class:`FeatureUNet` plus a *domain head*: a small MLP on the globally pooled bottleneck features that
+    predicts which of ``n_domains`` sites an image came from (FedDA's federated domain discriminator).
+
+    The head is created after the UNet, so with the same seed the UNet part starts from the same weights as a plain
+    ``FeatureUNet``; its ``state_dict`` adds ``domain_head.*`` entries, and ``forward`` is the UNet's.
+
+    Args:
+        n_domains: number of sites (classes of the domain head).
+        domain_hidden: hidden units of the head.
+        **kwargs: :class:`FeatureUNet` arguments.
+    """
+
+    def __init__(self, n_domains: int = 3, domain_hidden: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if n_domains < 2:
+            raise ValueError(f"n_domains must be >= 2, got {n_domains}")
+        self.n_domains = n_domains
+        self.domain_head = nn.Sequential(nn.Linear(self.feature_channels, domain_hidden), nn.ReLU(),
+                                         nn.Linear(domain_hidden, n_domains))
+
+    @staticmethod
+    def pool(features: torch.Tensor) -> torch.Tensor:
+        """Global average pool of a feature map ``(B, C, *spatial)`` to ``(B, C)``."""
+        return features.flatten(2).mean(dim=2)
+
+
+MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}
 
 
 def build_model(name: str = "unet", **kwargs: Any) -> nn.Module:

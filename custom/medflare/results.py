@@ -7,7 +7,7 @@ Files:
 - ``fairness.csv``: one row per round: mean, worst site, std, max-min gap and Jain's index of per-site Dice.
 - ``cross_site_dice.csv``: the site-by-model Dice matrix of cross-site evaluation (rows: models, columns: sites).
 - ``metrics_summary.json``: all of the above in one document, plus its ``"test"`` section (see
-  :func:`test_section`): the figures to report, computed on the sites' test splits.
+  :func:`held_out_summary`): the figures to report, computed on the sites' test splits.
 
 Model selection (``best_global``) uses validation Dice; every reported figure comes from the ``"test"`` section.
 """
@@ -113,7 +113,8 @@ class RunSummary:
         return cross
 
     def save(self) -> None:
-        self.data["test"] = test_section(self.data.get("rounds") or [], self.data.get("cross_site"), self.key_metric)
+        self.data["test"] = held_out_summary(self.data.get("rounds") or [], self.data.get("cross_site"),
+                                             self.key_metric)
         _atomic_write(os.path.join(self.dir, SUMMARY_FILE), json.dumps(self.data, indent=1, sort_keys=True))
         round_rows, fair_rows = [], []
         for entry in self.data["rounds"]:
@@ -137,7 +138,7 @@ def format_matrix(matrix: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def test_section(rounds: List[Mapping[str, Any]], cross_site: Optional[Mapping[str, Any]],
+def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mapping[str, Any]],
                  key_metric: str = "dice", window: int = 5) -> Dict[str, Any]:
     """The figures to report, all on test data: ``{split, rounds, global, best_global, matrix, last5, stability}``.
 

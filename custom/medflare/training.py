@@ -7,6 +7,7 @@ that change the local objective (for example adversarial feature alignment) subc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
@@ -38,6 +39,23 @@ class TrainResult:
 
 
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_lr(base_lr: float, schedule: str, round_num: int, num_rounds: int, floor: float = 0.1) -> float:
+    """Learning rate of round ``round_num`` (0-based) of ``num_rounds``.
+
+    ``"constant"`` keeps ``base_lr``; ``"cosine"`` decays it from ``base_lr`` in round 0 to ``floor * base_lr`` in
+    the last round along a half cosine, so late rounds take small local steps and the global model settles.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if num_rounds <= 1:
+        return base_lr
+    progress = min(max(round_num / (num_rounds - 1), 0.0), 1.0)
+    return base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
@@ -101,6 +119,12 @@ class SegmentationTrainer:
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] = float(total.detach())
         return out
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the following steps (and of any optimiser created later)."""
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def start_round(self) -> None:
         """Called after the global weights are loaded and before the first step of a round."""

@@ -2,42 +2,76 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 
-from ..alignment import AdversarialSegmentationTrainer, adversarial_weight
+from ..alignment import AdversarialSegmentationTrainer, DomainAdversarialTrainer, adversarial_weight, domain_accuracy
+from ..data import DataError
+from ..data.site_config import synthetic_site_index
 from ..workflows import PEER_SITE_KEY
 from .segmentation import SegmentationExecutor
+
+
+MODES = ("domain", "target")
 
 
 class AdversarialAlignmentExecutor(SegmentationExecutor):
     """:class:`SegmentationExecutor` whose local training adds adversarial alignment of encoder features.
 
-    The alignment target follows what the server sends: a plain global model means FedDA-joint (target = the
-    received global encoder applied to the local batch); a ``{"global", "peer_encoder"}`` collection from
-    :class:`~medflare.workflows.RingRelayScatterAndGather` means FedDA-cyclic (target = the peer's encoder of the
-    previous round). The discriminator stays at the site and is kept across rounds and worker restarts; only the
-    segmentation model's weights are sent back.
+    ``mode="domain"`` (default): domain-adversarial alignment among sites (see :mod:`medflare.alignment`). The model
+    must be ``unet_domain`` with one domain per site; the domain head is part of the model, so the server averages
+    it like every other weight. Besides the segmentation scalars the site reports ``domain_acc``: the fraction of its
+    validation images that the received head attributes to this site (1/K when the sites are aligned).
+
+    ``mode="target"``: alignment to a target encoder with a local patch discriminator, as reconstructed from the
+    paper's summary. The target follows what the server sends: a plain global model means FedDA-joint (the received
+    global encoder applied to the local batch); a ``{"global", "peer_encoder"}`` collection from
+    :class:`~medflare.workflows.RingRelayScatterAndGather` means FedDA-cyclic (the peer's encoder of the previous
+    round). The discriminator stays at the site and is kept across rounds and worker restarts.
 
     Args:
-        adv_weight: weight of the encoder's fooling loss after warm-up.
+        mode: ``"domain"`` or ``"target"``.
+        adv_weight: weight of the encoder's adversarial loss after warm-up.
         warmup_rounds: rounds over which the weight ramps linearly from 0.
-        disc_lr: discriminator learning rate (Adam, betas 0.9/0.99).
-        disc_hidden: discriminator hidden channels.
+        domain_sites: the federation's site names in domain-head order (``mode="domain"``); ``null`` takes the index
+            from names ``site-1`` ... ``site-K``.
+        disc_lr: discriminator learning rate (``mode="target"``; Adam, betas 0.9/0.99).
+        disc_hidden: discriminator hidden channels (``mode="target"``).
         **kwargs: :class:`SegmentationExecutor` arguments.
     """
 
-    def __init__(self, adv_weight: float = 0.01, warmup_rounds: int = 2, disc_lr: float = 1e-4,
-                 disc_hidden: int = 64, **kwargs: Any) -> None:
+    def __init__(self, mode: str = "domain", adv_weight: float = 0.1, warmup_rounds: int = 2,
+                 domain_sites: Optional[Sequence[str]] = None, disc_lr: float = 1e-4, disc_hidden: int = 64,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.adv_weight, self.warmup_rounds = adv_weight, warmup_rounds
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.adv_weight, self.warmup_rounds = mode, adv_weight, warmup_rounds
+        self.domain_sites = list(domain_sites) if domain_sites is not None else None
         self.disc_lr, self.disc_hidden = disc_lr, disc_hidden
         self._peer: Optional[Tuple[str, Dict[str, Any]]] = None
 
-    def create_trainer(self, model: torch.nn.Module, device: torch.device) -> AdversarialSegmentationTrainer:
+    def domain_index(self, n_domains: int) -> int:
+        """This site's index in the domain head."""
+        if self.domain_sites is not None:
+            if len(self.domain_sites) != n_domains:
+                raise DataError(f"domain_sites lists {len(self.domain_sites)} sites, the model's domain head has "
+                                f"{n_domains}")
+            if self.site not in self.domain_sites:
+                raise DataError(f"site '{self.site}' is not in the job's domain_sites {self.domain_sites}")
+            return self.domain_sites.index(self.site)
+        return synthetic_site_index(self.site, n_domains)
+
+    def create_trainer(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        if self.mode == "domain":
+            if not hasattr(model, "domain_head"):
+                raise ValueError("FedDA's domain mode needs the model 'unet_domain' (with n_domains = the number of "
+                                 "sites) in both the executor's and the persistor's 'model' argument")
+            return DomainAdversarialTrainer(model, device, self.domain_index(model.n_domains),
+                                            adv_weight=self.adv_weight, **self.trainer_args())
         return AdversarialSegmentationTrainer(model, device, adv_weight=self.adv_weight, disc_lr=self.disc_lr,
                                               disc_hidden=self.disc_hidden, **self.trainer_args())
 
@@ -50,18 +84,31 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
         return super().unpack_train_data(dxo)
 
     def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
+        self.trainer.current_weight = adversarial_weight(round_num, self.adv_weight, self.warmup_rounds)
+        if self.mode == "domain":
+            if self._peer is not None:
+                raise ValueError("FedDA's domain mode received a ring relay payload; use mode 'target' with the "
+                                 "ring relay controller")
+            self.log_info(fl_ctx, f"round {round_num}: confusing the received domain head "
+                                  f"(adversarial weight {self.trainer.current_weight:.4g})")
+            return
         if self._peer is not None:
             source, weights = self._peer[0], self._peer[1]
         else:
             source, weights = "the global model", self.model.state_dict()
         self.trainer.set_target({k: torch.as_tensor(v) for k, v in weights.items()})
-        self.trainer.current_weight = adversarial_weight(round_num, self.adv_weight, self.warmup_rounds)
         self.log_info(fl_ctx, f"round {round_num}: aligning encoder features to the encoder of {source} "
                               f"(adversarial weight {self.trainer.current_weight:.4g})")
 
+    def round_report(self) -> Dict[str, Any]:
+        """``domain_acc`` of the received model (domain mode), measured before local training."""
+        if self.mode != "domain":
+            return {}
+        return {"domain_acc": domain_accuracy(self.model, self.data.val, self.trainer.domain_index, self.device)}
+
     def extra_state(self) -> Dict[str, Any]:
-        return self.trainer.state_dict()
+        return self.trainer.state_dict() if self.mode == "target" else {}
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
-        if state:
+        if state and self.mode == "target":
             self.trainer.load_state_dict(state)

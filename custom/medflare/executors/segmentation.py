@@ -36,13 +36,13 @@ from nvflare.app_common.app_constant import AppConstants
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
-from ..training import SegmentationTrainer
+from ..training import SegmentationTrainer, round_lr
 from .base import SiteExecutor, configure_torch, load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
 REPORTED_SCALARS = ("modality", "n_train", "n_val", "n_test", "test_dice", "test_dice_<class>", "dice_local",
-                    "train_seconds", "train_<term>")
+                    "train_seconds", "train_<term>", "domain_acc (FedDA domain mode)")
 
 
 class SegmentationExecutor(SiteExecutor):
@@ -64,6 +64,8 @@ class SegmentationExecutor(SiteExecutor):
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
         reset_optimizer: start each round's local training with a fresh optimiser (``false`` keeps the moment
             estimates of the site's previous round; see ``docs/training.md`` for the sweep behind the default).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay over the job's rounds to 0.1 x ``lr``; see
+            :func:`medflare.training.round_lr`).
         local_epochs: local epochs per round.
         batch_size: training batch size.
         fedprox_mu: FedProx proximal weight (0 = FedAvg).
@@ -79,7 +81,8 @@ class SegmentationExecutor(SiteExecutor):
                  class_names: Sequence[str] = ("background", "organ", "lesion"), spatial_dims: int = 2,
                  spatial_size: Optional[Sequence[int]] = (64, 64), in_channels: int = 1, intensity: str = "minmax",
                  window: Optional[Sequence[float]] = None, synthetic: Optional[Dict[str, Any]] = None,
-                 lr: float = 3e-3, optimizer: str = "adam", reset_optimizer: bool = True, local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
+                 lr: float = 3e-3, optimizer: str = "adam", reset_optimizer: bool = True,
+                 lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None) -> None:
         super().__init__(tb_writer_id)
@@ -94,6 +97,8 @@ class SegmentationExecutor(SiteExecutor):
         self.class_names = list(class_names)
         self.lr, self.local_epochs, self.batch_size = lr, local_epochs, batch_size
         self.optimizer, self.reset_optimizer = optimizer, reset_optimizer
+        round_lr(lr, lr_schedule, 0, 1)  # validates the schedule's name now, not in round 0
+        self.lr_schedule = lr_schedule
         self.fedprox_mu, self.seed = fedprox_mu, seed
         self.device_name, self.num_threads = device, num_threads
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
@@ -123,6 +128,10 @@ class SegmentationExecutor(SiteExecutor):
 
     def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
         """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
+
+    def round_report(self) -> Dict[str, Any]:
+        """Extra documented scalars about the received global model, measured before local training."""
+        return {}
 
     def extra_state(self) -> Dict[str, Any]:
         """Extra client state to keep across worker restarts (e.g. a discriminator)."""
@@ -196,13 +205,15 @@ class SegmentationExecutor(SiteExecutor):
         load_weights(self.model, self.unpack_train_data(dxo), f"global model of round {rnd}")
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
-        test_metrics = self.test_metrics()
+        received = {**self.test_metrics(), **self.round_report()}
         self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model dice on '{self.site}' = "
                               f"{global_metrics['dice']:.4f} (validation)"
-                      + (f", {test_metrics['test_dice']:.4f} (test)" if test_metrics else ""))
-        for k, v in {**global_metrics, **test_metrics}.items():
+                      + (f", {received['test_dice']:.4f} (test)" if "test_dice" in received else ""))
+        for k, v in {**global_metrics, **received}.items():
             self._tb_scalar(f"global_{k}", v, rnd)
         self.prepare_round(dxo, rnd, fl_ctx)
+        if isinstance(n_rounds, int):
+            self.trainer.set_lr(round_lr(self.lr, self.lr_schedule, rnd, n_rounds))
 
         def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
             step = rnd * self.local_epochs + epoch
@@ -225,7 +236,7 @@ class SegmentationExecutor(SiteExecutor):
         self._save_state()
 
         report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
-                  **test_metrics, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
+                  **received, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
                   **{f"train_{k}": v for k, v in result.losses.items()}}
         self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
                               f"local model dice {local_metrics['dice']:.4f}")
