@@ -22,6 +22,15 @@ def _edit_json(path: str, edit) -> None:
         json.dump(config, f, indent=1)
 
 
+def _merge(args: Dict[str, Any], changes: Dict[str, Any]) -> None:
+    """Set ``changes`` in ``args``; a dict value is merged into an existing dict (one level deep)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(args.get(key), dict):
+            args[key] = {**args[key], **value}
+        else:
+            args[key] = value
+
+
 def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
              client_args: Optional[Dict[str, Any]] = None, server_args: Optional[Dict[str, Any]] = None,
              component_args: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
@@ -33,7 +42,8 @@ def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
         num_rounds: rounds of training (server config).
         client_args: merged into the executor's args (nested dicts such as ``synthetic`` are merged too).
         server_args: top-level keys of the server config (e.g. ``min_clients``).
-        component_args: ``{component id: args}`` merged into server components (e.g. the persistor's ``seed``).
+        component_args: ``{component id: args}`` merged into server components (e.g. the persistor's ``seed``;
+            nested dicts such as the persistor's ``model`` are merged too).
     """
     src = os.path.join(ROOT, "jobs", name)
     diffs = differences(os.path.join(src, "app"))
@@ -48,15 +58,10 @@ def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
             config["num_rounds"] = num_rounds
         config.update(server_args or {})
         for component in config.get("components", []):
-            component.setdefault("args", {}).update((component_args or {}).get(component["id"], {}))
+            _merge(component.setdefault("args", {}), (component_args or {}).get(component["id"], {}))
 
     def edit_client(config: Dict[str, Any]) -> None:
-        args = config["executors"][0]["executor"].setdefault("args", {})
-        for key, value in (client_args or {}).items():
-            if isinstance(value, dict) and isinstance(args.get(key), dict):
-                args[key] = {**args[key], **value}
-            else:
-                args[key] = value
+        _merge(config["executors"][0]["executor"].setdefault("args", {}), client_args or {})
 
     _edit_json(os.path.join(config_dir, "config_fed_server.json"), edit_server)
     _edit_json(os.path.join(config_dir, "config_fed_client.json"), edit_client)
