@@ -62,7 +62,7 @@ def probe_accuracy(model, data: Dict[str, Any], seed: int) -> float:
 
 
 def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], run_dir: str,
-                  batch_size: int = 16, lr: float = 3e-3) -> Dict[str, Any]:
+                  batch_size: int = 16) -> Dict[str, Any]:
     """Train ``local`` (one model per site) or ``pooled`` (one model on all sites' data) without FLARE.
 
     Returns a record shaped like a federated run's: per-round per-site validation and test Dice, a cross-site
@@ -74,7 +74,7 @@ def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
     from medflare.executors.base import configure_torch
     from medflare.metrics import evaluate_segmentation
     from medflare.networks import build_model
-    from medflare.training import SegmentationTrainer
+    from medflare.training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer
 
     configure_torch(1, seed)
     sites, data = load_benchmark(synthetic)
@@ -83,7 +83,8 @@ def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
 
     def new_trainer():
         torch.manual_seed(seed)
-        return SegmentationTrainer(build_model("unet", spatial_dims=dims), device, lr=lr)
+        return SegmentationTrainer(build_model("unet", spatial_dims=dims), device, lr=DEFAULT_LR,
+                                   optimizer=DEFAULT_OPTIMIZER)
 
     def dice(model, site, split="test"):
         return evaluate_segmentation(model, getattr(data[site], split), 3, device)["dice"]

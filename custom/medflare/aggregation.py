@@ -79,3 +79,12 @@ def weighted_average(updates: Mapping[str, Weights], weights: Mapping[str, float
         else:
             result[name] = acc.astype(first.dtype)
     return result
+
+
+def weight_difference(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``new - old`` key by key (float64 differences cast back to ``new``'s dtype)."""
+    missing = sorted(set(new) - set(old))
+    if missing:
+        raise UpdateError(f"the global model lacks parameters {missing[:5]} of the aggregate")
+    return {k: (np.asarray(new[k], dtype=np.float64) - np.asarray(old[k], dtype=np.float64)).astype(
+        np.asarray(new[k]).dtype) for k in new}

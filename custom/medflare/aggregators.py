@@ -17,7 +17,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from .aggregation import UpdateError, check_update, sample_weights, weighted_average
+from .aggregation import UpdateError, check_update, sample_weights, weight_difference, weighted_average
 
 AGGREGATION_WEIGHTS_KEY = "medflare_aggregation_weights"
 
@@ -28,13 +28,19 @@ class WeightedAggregator(Aggregator):
     Args:
         on_invalid_update: ``"abort"`` stops the job with an error naming the site (default: a bad update never
             reaches the global model unnoticed); ``"skip"`` logs the error and aggregates the other sites.
+        output: ``"weights"`` (default) returns the averaged weights, for FLARE's ``FullModelShareableGenerator``;
+            ``"weight_diff"`` returns the averaged weights minus the current global model, for a server optimiser
+            such as FLARE's FedOpt generator (:class:`medflare.server_opt.ServerOptimizer`: FedAvgM, FedAdam).
     """
 
-    def __init__(self, on_invalid_update: str = "abort") -> None:
+    def __init__(self, on_invalid_update: str = "abort", output: str = "weights") -> None:
         super().__init__()
         if on_invalid_update not in ("abort", "skip"):
             raise ValueError(f"on_invalid_update must be 'abort' or 'skip', got {on_invalid_update!r}")
+        if output not in ("weights", "weight_diff"):
+            raise ValueError(f"output must be 'weights' or 'weight_diff', got {output!r}")
         self.on_invalid_update = on_invalid_update
+        self.output = output
         self.updates: Dict[str, Dict[str, np.ndarray]] = {}
         self.metas: Dict[str, Dict[str, Any]] = {}
 
@@ -85,7 +91,12 @@ class WeightedAggregator(Aggregator):
             return Shareable()
         weights = self.site_weights(self.metas, fl_ctx)
         self.log_info(fl_ctx, "aggregation weights: " + ", ".join(f"{s}={w:.3f}" for s, w in sorted(weights.items())))
-        out = DXO(DataKind.WEIGHTS, data=weighted_average(self.updates, weights))
+        average = weighted_average(self.updates, weights)
+        if self.output == "weights":
+            out = DXO(DataKind.WEIGHTS, data=average)
+        else:
+            global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            out = DXO(DataKind.WEIGHT_DIFF, data=weight_difference(average, global_model.get("weights") or {}))
         out.set_meta_prop(AGGREGATION_WEIGHTS_KEY, {s: float(w) for s, w in weights.items()})
         return out.to_shareable()
 

@@ -36,7 +36,7 @@ from nvflare.app_common.app_constant import AppConstants
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
-from ..training import SegmentationTrainer, round_lr
+from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
 from .base import SiteExecutor, configure_torch, load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
@@ -81,7 +81,7 @@ class SegmentationExecutor(SiteExecutor):
                  class_names: Sequence[str] = ("background", "organ", "lesion"), spatial_dims: int = 2,
                  spatial_size: Optional[Sequence[int]] = (64, 64), in_channels: int = 1, intensity: str = "minmax",
                  window: Optional[Sequence[float]] = None, synthetic: Optional[Dict[str, Any]] = None,
-                 lr: float = 3e-3, optimizer: str = "adam", reset_optimizer: bool = True,
+                 lr: float = DEFAULT_LR, optimizer: str = DEFAULT_OPTIMIZER, reset_optimizer: bool = True,
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None) -> None:

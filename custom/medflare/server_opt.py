@@ -1,0 +1,49 @@
+"""Server-side optimisation (FedAvgM, FedAdam) with FLARE's own FedOpt shareable generator.
+
+FLARE's :class:`~nvflare.app_opt.pt.fedopt.PTFedOptModelShareableGenerator` applies the averaged client update
+(a ``WEIGHT_DIFF``) as a negative gradient to a server-side torch model, through any torch optimiser. It needs that
+model as a component; :class:`ServerOptimizer` takes it from the job's persistor instead, so the server model
+starts from exactly the persistor's (seeded) initial weights and the job names its network once.
+
+Pair it with ``WeightedAggregator(output="weight_diff")``. FedAvgM with server learning rate 1 and momentum ``m``::
+
+    {"id": "shareable_generator", "path": "medflare.server_opt.ServerOptimizer",
+     "args": {"optimizer_args": {"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.5},
+                                 "config_type": "dict"}}}
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
+
+
+class ServerOptimizer(PTFedOptModelShareableGenerator):
+    """FLARE's FedOpt generator whose server model is a copy of the persistor's model.
+
+    Args:
+        persistor_id: id of the persistor component; its ``model`` attribute (a ``torch.nn.Module``) is copied at
+            the start of the run.
+        **kwargs: :class:`PTFedOptModelShareableGenerator` arguments (``optimizer_args``, ``lr_scheduler_args``,
+            ``device``; default device: CPU, which keeps results identical with and without a GPU on the server).
+
+    The server optimiser's state (e.g. momentum) lives in memory: a job restarted from a checkpoint starts it anew.
+    """
+
+    def __init__(self, persistor_id: str = "persistor", device: str = "cpu", **kwargs: Any) -> None:
+        super().__init__(source_model=None, device=device, **kwargs)
+        self.persistor_id = persistor_id
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            persistor = fl_ctx.get_engine().get_component(self.persistor_id)
+            model = getattr(persistor, "model", None)
+            if model is None:
+                self.system_panic(f"component '{self.persistor_id}' has no 'model' for the server optimiser", fl_ctx)
+                return
+            self.source_model = copy.deepcopy(model)
+        super().handle_event(event_type, fl_ctx)
