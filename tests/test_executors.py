@@ -14,7 +14,8 @@ from medflare.executors import AdversarialAlignmentExecutor, SegmentationExecuto
 from medflare.networks import FeatureUNet
 from medflare.workflows import PEER_SITE_KEY, SITE_REPORT_KEY
 
-SMALL = {"synthetic": {"n_train": 8, "n_val": 4}, "batch_size": 4}
+SMALL = {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4}, "batch_size": 4}
+DOMAIN_MODEL = {"name": "unet_domain", "n_domains": 3}
 ALLOWED_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, SITE_REPORT_KEY}
 
 
@@ -35,8 +36,10 @@ def _train_task(weights, round_num=0, peer=None):
     return s
 
 
-def _global_weights():
-    return {k: v.numpy() for k, v in FeatureUNet().state_dict().items()}
+def _global_weights(model=None):
+    from medflare.networks import build_model
+
+    return {k: v.numpy() for k, v in build_model(**(model or {"name": "unet"})).state_dict().items()}
 
 
 def _assert_only_weights_and_scalars(result, expected_keys):
@@ -53,19 +56,38 @@ def _assert_only_weights_and_scalars(result, expected_keys):
     return dxo
 
 
-@pytest.mark.parametrize("cls", [SegmentationExecutor, AdversarialAlignmentExecutor])
-def test_train_sends_only_weights_and_declared_scalars(cls, tmp_path):
-    ex = _executor(cls, tmp_path)
-    weights = _global_weights()
+@pytest.mark.parametrize("cls,args", [(SegmentationExecutor, {}),
+                                      (AdversarialAlignmentExecutor, {"mode": "target"}),
+                                      (AdversarialAlignmentExecutor, {"mode": "domain", "model": DOMAIN_MODEL})],
+                         ids=["segmentation", "fedda-target", "fedda-domain"])
+def test_train_sends_only_weights_and_declared_scalars(cls, args, tmp_path):
+    ex = _executor(cls, tmp_path, **args)
+    weights = _global_weights(args.get("model"))
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
     dxo = _assert_only_weights_and_scalars(result, set(weights))
     assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 8
     assert 0.0 <= dxo.get_meta_prop(MetaKey.INITIAL_METRICS)["dice"] <= 1.0
-    assert dxo.get_meta_prop(SITE_REPORT_KEY)["modality"] == "t1"
+    report = dxo.get_meta_prop(SITE_REPORT_KEY)
+    assert report["modality"] == "t1" and report["n_test"] == 4 and 0.0 <= report["test_dice"] <= 1.0
+    if args.get("mode") == "domain":
+        assert 0.0 <= report["domain_acc"] <= 1.0 and "train_head" in report
+
+
+def test_domain_mode_needs_the_domain_model_and_a_known_site(tmp_path):
+    ex = _executor(AdversarialAlignmentExecutor, tmp_path, mode="domain")
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
+    assert result.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "unet_domain" in ex._setup_error
+    ex = _executor(AdversarialAlignmentExecutor, tmp_path, site="hospital-a", mode="domain", model=DOMAIN_MODEL,
+                   domain_sites=["hospital-b", "hospital-c", "hospital-d"])
+    with pytest.raises(Exception, match="hospital-a"):
+        ex.domain_index(3)
+    with pytest.raises(ValueError, match="mode"):
+        AdversarialAlignmentExecutor(mode="joint")
 
 
 def test_cyclic_payload_uses_peer_encoder(tmp_path):
-    ex = _executor(AdversarialAlignmentExecutor, tmp_path, warmup_rounds=0)
+    ex = _executor(AdversarialAlignmentExecutor, tmp_path, mode="target", warmup_rounds=0)
     net = FeatureUNet()
     peer = {k: v.numpy() + 1.0 for k, v in net.state_dict().items() if k in net.encoder_keys()}
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights(), 1, ("site-3", peer)),
@@ -78,10 +100,10 @@ def test_cyclic_payload_uses_peer_encoder(tmp_path):
 
 
 def test_state_survives_a_new_worker(tmp_path):
-    first = _executor(AdversarialAlignmentExecutor, tmp_path)
+    first = _executor(AdversarialAlignmentExecutor, tmp_path, mode="target")
     first.execute(AppConstants.TASK_TRAIN, _train_task(_global_weights()), FLContext(), Signal())
     disc = {k: v.clone() for k, v in first.trainer.discriminator.state_dict().items()}
-    second = _executor(AdversarialAlignmentExecutor, tmp_path)  # as if FLARE restarted the worker
+    second = _executor(AdversarialAlignmentExecutor, tmp_path, mode="target")  # as if FLARE restarted the worker
     submitted = second.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())
     local = from_shareable(submitted).data
     for k, v in first.local_weights.items():

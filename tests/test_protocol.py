@@ -235,3 +235,20 @@ def test_domain_trainer_refuses_models_without_head_and_bad_index():
     with pytest.raises(ValueError, match="outside"):
         DomainAdversarialTrainer(DomainHeadUNet(n_domains=2, out_channels=2, channels=(4, 8), strides=(2,)),
                                  torch.device("cpu"), 2)
+
+
+def test_paired_difference_interval():
+    from medflare.statistics import paired_difference, t_quantile_975
+
+    d = paired_difference([0.6, 0.7, 0.65, 0.62, 0.68], [0.5, 0.55, 0.6, 0.5, 0.6])
+    diffs = np.array([0.1, 0.15, 0.05, 0.12, 0.08])
+    half = 2.776 * diffs.std(ddof=1) / math.sqrt(5)
+    assert d["diff"] == pytest.approx(diffs.mean())
+    assert (d["low"], d["high"]) == (pytest.approx(diffs.mean() - half), pytest.approx(diffs.mean() + half))
+    assert d["significant"] == 1.0
+    noisy = paired_difference([0.6, 0.4, 0.7], [0.5, 0.5, 0.5])
+    assert noisy["low"] < 0 < noisy["high"] and noisy["significant"] == 0.0
+    assert paired_difference([0.6], [0.5])["significant"] == 0.0
+    assert t_quantile_975(22) == 2.086 and t_quantile_975(500) == 1.96
+    with pytest.raises(ValueError):
+        paired_difference([0.1, 0.2], [0.1])
