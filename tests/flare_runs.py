@@ -9,6 +9,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def error_lines(workspace: str) -> List[str]:
 def load_checkpoint_into_model(path: str, model_args: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
     """Load a persisted global model into a freshly built network (fails if the keys or shapes differ)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model("unet", **(model_args or {}))
+    model = build_model(**{"name": "unet", **(model_args or {})})
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -63,6 +64,11 @@ def check_run(run_dir: str, sites: Sequence[str], num_rounds: int,
     matrix = summary["cross_site"]["matrix"]
     for model in ["global", "best_global", *sites]:
         assert sorted(matrix[model]) == sorted(sites), f"cross-site row {model} covers {sorted(matrix[model])}"
+    test = summary["test"]
+    assert test["split"] == "test" and sorted(test["matrix"]["global"]) == sorted(sites)
+    assert [c["round"] for c in test["rounds"]] == list(range(num_rounds + 1))  # received models + the final one
+    assert test["global"]["mean"] == pytest.approx(summary["cross_site"]["global"]["mean"])
+    assert test["last5"]["n_models"] == min(5, num_rounds + 1) and test["best_global"] is not None
     for name in ("round_metrics.csv", "fairness.csv", "cross_site_dice.csv"):
         assert os.path.isfile(os.path.join(run_dir, "metrics", name)), f"missing metrics/{name}"
     for site in sites:

@@ -33,10 +33,16 @@ class MetricsScatterAndGather(ScatterAndGather):
 
     Args:
         key_metric: the metric the sites report for model selection and fairness (``"dice"``).
+
+    ``wait_time_after_min_received`` defaults to 600 s: once ``min_clients`` sites have answered, a round still waits
+    (up to that long) for every other site that received the task. With 0, a round closes on the first
+    ``min_clients`` answers, so which sites are averaged depends on their speed: results stop being reproducible and
+    a slow site (e.g. the one that also evaluates global test sets) can miss every round. Lower it for federations
+    where a dead site should cost less time.
     """
 
     def __init__(self, *args: Any, key_metric: str = "dice", **kwargs: Any) -> None:
-        kwargs.setdefault("wait_time_after_min_received", 0)
+        kwargs.setdefault("wait_time_after_min_received", 600)
         super().__init__(*args, **kwargs)
         self.key_metric = key_metric
         self._site_metrics: Dict[str, Dict[str, Any]] = {}
