@@ -64,6 +64,7 @@ class LoopConfig:
     threads: int = 1
     method: str = "fedavg"  # or "fedda": domain-adversarial alignment among sites
     adv_weight: float = 0.1
+    head_lr: float = 1.0
     warmup_rounds: int = 2
 
 
@@ -91,7 +92,8 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         torch.manual_seed(cfg.seed)
         if cfg.method == "fedda":
             trainers[s] = DomainAdversarialTrainer(build_model(name, **model_args), device, i,
-                                                   adv_weight=cfg.adv_weight, **train_args)
+                                                   adv_weight=cfg.adv_weight, head_lr=cfg.head_lr,
+                                                   **train_args)
         else:
             trainers[s] = SegmentationTrainer(build_model(name, **model_args), device, **train_args)
     n = {s: float(len(data[s].train)) for s in sites}

@@ -1,6 +1,7 @@
 """The evaluation protocol and training options: test split, stability summary, learning-rate schedule,
 optimiser reset, the run summary's test section, the linear probe and domain-adversarial alignment."""
 
+import copy
 import json
 import math
 
@@ -190,7 +191,7 @@ def test_domain_head_unet_starts_like_the_plain_unet():
     plain = FeatureUNet(out_channels=2, channels=(4, 8), strides=(2,))
     torch.manual_seed(3)
     with_head = build_model("unet_domain", n_domains=3, out_channels=2, channels=(4, 8), strides=(2,))
-    head_keys = {k for k in with_head.state_dict() if k.startswith("domain_head.")}
+    head_keys = {k for k in with_head.state_dict() if k.startswith("domain_")}
     assert head_keys and set(with_head.state_dict()) - head_keys == set(plain.state_dict())
     for k, v in plain.state_dict().items():
         assert torch.equal(v, with_head.state_dict()[k])
@@ -214,8 +215,26 @@ def test_domain_training_with_zero_weight_leaves_segmentation_weights_as_plain_t
     plain.fit(data, 1, 4, seed=5)
     for k, v in plain_model.state_dict().items():
         assert torch.allclose(v, adversarial.model.state_dict()[k], atol=1e-6), k
-    # ...while the domain head did learn this site's index
-    assert domain_accuracy(adversarial.model, data, 1, torch.device("cpu")) == 1.0
+    # ...while the domain head took its round step and the standardisation statistics were set
+    assert not torch.equal(adversarial.model.domain_head.weight, _pair(0.0).model.domain_head.weight)
+    assert 0.0 <= domain_accuracy(adversarial.model, data, 1, torch.device("cpu")) <= 1.0
+    assert not torch.equal(adversarial.model.domain_var, torch.ones_like(adversarial.model.domain_var))
+
+
+def test_domain_head_takes_one_gradient_step_per_round_at_the_received_head():
+    """The head's round update is -head_lr x its gradient at the received model, so the server's average of the
+    sites' heads is one gradient step of the K-way head on all sites' features together."""
+    data = square_dataset(8)
+    trainer = _pair(0.0)
+    received = copy.deepcopy(trainer.model)
+    trainer.fit(data, 1, 8, seed=5)  # one batch holding every image
+    images = torch.stack([d["image"] for d in data])
+    received.domain_head.zero_grad()
+    torch.nn.functional.cross_entropy(received.domain_logits(received.encode(images)),
+                                      torch.full((8,), 1)).backward()
+    for name, param in received.domain_head.named_parameters():
+        expected = param.detach() - trainer.head_lr * param.grad
+        assert torch.allclose(trainer.model.domain_head.state_dict()[name], expected, atol=1e-5), name
 
 
 def test_domain_confusion_changes_the_encoder_and_reports_its_terms():

@@ -7,7 +7,8 @@ averages the head with the rest of the model, and the average of these one-class
 classifier over everybody's features, although no feature leaves a site. The encoder, in turn, is trained to
 confuse the *received* (frozen) head: cross-entropy of its prediction against the uniform distribution. Once the
 encoder wins, one site's features cannot be told apart from another's: the modalities are aligned among sites.
-Per step: ``L = DiceCE + CE(head(f.detach()), site) + lambda_t * CE(head_received(f), uniform)``.
+Per step: ``L = DiceCE + lambda_t * CE(head_received(f), uniform)`` for the model; the head's own loss
+``CE(head(f.detach()), site)`` is accumulated and applied once per round (see :class:`DomainAdversarialTrainer`).
 
 **Alignment to a target encoder** (:class:`AdversarialSegmentationTrainer`, the reconstruction of the paper's
 summary; mode ``"target"``). A site's *source* features are its local encoder's bottleneck features of a local batch; *target* features are the
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .networks import FeatureUNet
-from .training import SegmentationTrainer
+from .training import SegmentationTrainer, TrainResult, make_optimizer
 
 
 class FeatureDiscriminator(nn.Module):
@@ -167,8 +168,7 @@ def domain_accuracy(model: nn.Module, dataset: Any, domain_index: int, device: t
     model.eval()
     hits = total = 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        features = model.encode(batch["image"].to(device))
-        pred = model.domain_head(model.pool(features)).argmax(dim=1)
+        pred = model.domain_logits(model.encode(batch["image"].to(device))).argmax(dim=1)
         hits += int((pred == domain_index).sum())
         total += pred.numel()
     model.train(was_training)
@@ -178,46 +178,79 @@ def domain_accuracy(model: nn.Module, dataset: Any, domain_index: int, device: t
 class DomainAdversarialTrainer(SegmentationTrainer):
     """:class:`SegmentationTrainer` with domain-adversarial alignment among sites (see the module docstring).
 
+    The domain head learns by *federated gradient descent*: during a round the site only accumulates the head's
+    gradient (cross-entropy towards its own index, on detached features, at the received head); at the end of the
+    round it takes one step ``head -= head_lr * mean gradient``. Every site steps from the same received head, so the
+    server's average of the sites' heads is exactly one gradient step of the K-way classifier on all sites'
+    features, which no site could compute alone. (Ordinary local SGD on one class per site would let every site's
+    head drift to "always my site", and their average predicts one site for everything.) At the end of the round the
+    site also sets the model's ``domain_mean``/``domain_var`` to its training features' statistics.
+
     Args:
         model: a :class:`~medflare.networks.DomainHeadUNet`.
         device: training device.
         domain_index: this site's index among the ``model.n_domains`` sites.
         adv_weight: weight of the encoder's confusion loss once warm-up is over.
+        head_lr: step size of the head's round step.
         **kwargs: :class:`SegmentationTrainer` arguments.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, domain_index: int, adv_weight: float = 0.1,
-                 **kwargs: Any) -> None:
+                 head_lr: float = 1.0, **kwargs: Any) -> None:
         if not hasattr(model, "domain_head"):
             raise TypeError("domain-adversarial alignment needs a model with a domain head (model name "
                             "'unet_domain')")
         if not 0 <= domain_index < model.n_domains:
             raise ValueError(f"domain index {domain_index} is outside the model's {model.n_domains} domains")
-        super().__init__(model, device, **kwargs)
         self.domain_index = domain_index
-        self.adv_weight = adv_weight
+        self.adv_weight, self.head_lr = adv_weight, head_lr
         self.current_weight = adv_weight
         self.received_head: Optional[nn.Module] = None
+        self._pooled: list = []
+        self._head_steps = 0
+        super().__init__(model, device, **kwargs)
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """The model's optimiser, without the domain head (it takes one gradient step per round instead)."""
+        head = {id(p) for p in self.model.domain_head.parameters()}
+        params = [p for p in self.model.parameters() if id(p) not in head]
+        return make_optimizer(params, self.optimizer_name, self.lr, self.weight_decay)
 
     def start_round(self) -> None:
-        """Freeze a copy of the received domain head: the encoder confuses the federation's head, not the one
-        this site is fitting to its own features during the round."""
+        """Freeze a copy of the received head for the encoder's confusion loss and clear the head's gradient."""
         super().start_round()
         head = copy.deepcopy(self.model.domain_head)
         for p in head.parameters():
             p.requires_grad_(False)
         self.received_head = head
+        self.model.domain_head.zero_grad(set_to_none=True)
+        self._pooled, self._head_steps = [], 0
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
         if self.received_head is None:
             self.start_round()
         logits, features = self.model.forward_with_features(images)
-        pooled = self.model.pool(features)
         target = torch.full((images.shape[0],), self.domain_index, dtype=torch.long, device=images.device)
-        head_logits = self.model.domain_head(pooled.detach())
+        self._pooled.append(self.model.pool(features).detach())
+        head_logits = self.model.domain_logits(features.detach())
         terms = {"seg": self.loss_fn(logits, labels), "head": F.cross_entropy(head_logits, target)}
         if self.current_weight > 0:
-            terms["adv"] = self.current_weight * confusion_loss(self.received_head(pooled))
-        out = self.optimise(terms)
+            terms["adv"] = self.current_weight * confusion_loss(self.model.domain_logits(features, self.received_head))
+        out = self.optimise(terms)  # the head is not in the optimiser: its gradient accumulates over the round
+        self._head_steps += 1
         out["head_acc"] = float((head_logits.argmax(dim=1) == target).float().mean())
         return out
+
+    def fit(self, *args: Any, **kwargs: Any) -> TrainResult:
+        result = super().fit(*args, **kwargs)
+        if not result.aborted and self._head_steps:
+            with torch.no_grad():
+                for p in self.model.domain_head.parameters():
+                    if p.grad is not None:
+                        p -= self.head_lr * p.grad / self._head_steps
+                pooled = torch.cat(self._pooled)
+                self.model.domain_mean.copy_(pooled.mean(dim=0))
+                self.model.domain_var.copy_(pooled.var(dim=0, unbiased=False))
+            self.model.domain_head.zero_grad(set_to_none=True)
+        self.received_head = None
+        return result

@@ -8,7 +8,7 @@ returns the logits together with the bottleneck feature map, :meth:`FeatureUNet.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from monai.networks.layers.simplelayers import SkipConnection
@@ -92,30 +92,46 @@ class FeatureUNet(UNet):
 
 
 class DomainHeadUNet(FeatureUNet):
-    """:class:`FeatureUNet` plus a *domain head*: a small MLP on the globally pooled bottleneck features that
-    predicts which of ``n_domains`` sites an image came from (FedDA's federated domain discriminator).
+    """:class:`FeatureUNet` plus a *domain head*: a linear classifier that predicts which of ``n_domains`` sites an
+    image came from, from the per-channel mean and standard deviation of its bottleneck features (FedDA's federated
+    domain discriminator; see :mod:`medflare.alignment`).
+
+    The pooled features are standardised with the buffers ``domain_mean`` and ``domain_var``: each site sets them
+    to the statistics of its own training features every round, and FedAvg averages them like any weight (as it does
+    BatchNorm's running statistics), so the head sees features on the federation's common scale.
 
     The head is created after the UNet, so with the same seed the UNet part starts from the same weights as a plain
-    ``FeatureUNet``; its ``state_dict`` adds ``domain_head.*`` entries, and ``forward`` is the UNet's.
+    ``FeatureUNet``; the ``state_dict`` adds ``domain_head.*``, ``domain_mean`` and ``domain_var``, and ``forward``
+    is the UNet's.
 
     Args:
         n_domains: number of sites (classes of the domain head).
-        domain_hidden: hidden units of the head.
         **kwargs: :class:`FeatureUNet` arguments.
     """
 
-    def __init__(self, n_domains: int = 3, domain_hidden: int = 32, **kwargs: Any) -> None:
+    def __init__(self, n_domains: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if n_domains < 2:
             raise ValueError(f"n_domains must be >= 2, got {n_domains}")
         self.n_domains = n_domains
-        self.domain_head = nn.Sequential(nn.Linear(self.feature_channels, domain_hidden), nn.ReLU(),
-                                         nn.Linear(domain_hidden, n_domains))
+        width = 2 * self.feature_channels
+        self.domain_head = nn.Linear(width, n_domains)
+        self.register_buffer("domain_mean", torch.zeros(width))
+        self.register_buffer("domain_var", torch.ones(width))
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
-        """Global average pool of a feature map ``(B, C, *spatial)`` to ``(B, C)``."""
-        return features.flatten(2).mean(dim=2)
+        """Per-channel mean and standard deviation of a feature map ``(B, C, *spatial)``: ``(B, 2C)``."""
+        flat = features.flatten(2)
+        return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+
+    def standardise(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features on the federation's scale (see the class docstring)."""
+        return (pooled - self.domain_mean) / torch.sqrt(self.domain_var + 1e-5)
+
+    def domain_logits(self, features: torch.Tensor, head: Optional[nn.Module] = None) -> torch.Tensor:
+        """Domain logits of a bottleneck feature map, by this model's head or another (e.g. a frozen copy)."""
+        return (head or self.domain_head)(self.standardise(self.pool(features)))
 
 
 MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}

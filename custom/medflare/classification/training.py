@@ -113,20 +113,27 @@ class ClassificationTrainer:
         rho: GSAM perturbation radius (overridable per round with :meth:`set_rho`).
         gsam_alpha: GSAM decomposition coefficient.
         tau: logit-adjustment temperature (0 = plain CE).
+        reset_optimizer: a fresh Adam (and GSAM) at every call of :meth:`fit`, i.e. every round, as the FedISM
+            authors' code creates one per local round; ``False`` keeps Adam's moments across rounds.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, class_counts: Sequence[int], lr: float = 1e-3,
                  weight_decay: float = 5e-4, optimizer: str = "adam", rho: float = 0.05, gsam_alpha: float = 0.1,
-                 tau: float = 1.0) -> None:
+                 tau: float = 1.0, reset_optimizer: bool = False) -> None:
         if optimizer not in ("adam", "gsam"):
             raise ValueError(f"optimizer must be 'adam' or 'gsam', got {optimizer!r}")
         self.model = model.to(device)
         self.device = device
         self.kind = optimizer
         self.loss_fn = LogitAdjustedCE(class_counts, tau=tau) if tau > 0 else nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.9, 0.999),
-                                          weight_decay=weight_decay)
-        self.gsam = GSAM(self.model.parameters(), self.optimizer, rho=rho, alpha=gsam_alpha)
+        self.lr, self.weight_decay, self.gsam_alpha = lr, weight_decay, gsam_alpha
+        self.reset_optimizer = reset_optimizer
+        self._new_optimizer(rho)
+
+    def _new_optimizer(self, rho: float) -> None:
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.9, 0.999),
+                                          weight_decay=self.weight_decay)
+        self.gsam = GSAM(self.model.parameters(), self.optimizer, rho=rho, alpha=self.gsam_alpha)
 
     def set_rho(self, rho: float) -> None:
         self.gsam.rho = float(rho)
@@ -146,6 +153,8 @@ class ClassificationTrainer:
     def fit(self, dataset: Dataset, epochs: int, batch_size: int, seed: int = 0,
             should_stop: Callable[[], bool] = lambda: False,
             on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+        if self.reset_optimizer:
+            self._new_optimizer(self.gsam.rho)
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                             drop_last=len(dataset) > batch_size and len(dataset) % batch_size == 1)

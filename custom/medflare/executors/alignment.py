@@ -36,6 +36,8 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
         mode: ``"domain"`` or ``"target"``.
         adv_weight: weight of the encoder's adversarial loss after warm-up.
         warmup_rounds: rounds over which the weight ramps linearly from 0.
+        head_lr: step size of the domain head's one gradient step per round (``mode="domain"``; see
+            :class:`medflare.alignment.DomainAdversarialTrainer`).
         domain_sites: the federation's site names in domain-head order (``mode="domain"``); ``null`` takes the index
             from names ``site-1`` ... ``site-K``.
         disc_lr: discriminator learning rate (``mode="target"``; Adam, betas 0.9/0.99).
@@ -44,12 +46,13 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
     """
 
     def __init__(self, mode: str = "domain", adv_weight: float = 0.1, warmup_rounds: int = 2,
-                 domain_sites: Optional[Sequence[str]] = None, disc_lr: float = 1e-4, disc_hidden: int = 64,
-                 **kwargs: Any) -> None:
+                 head_lr: float = 1.0, domain_sites: Optional[Sequence[str]] = None, disc_lr: float = 1e-4,
+                 disc_hidden: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.adv_weight, self.warmup_rounds = mode, adv_weight, warmup_rounds
+        self.head_lr = head_lr
         self.domain_sites = list(domain_sites) if domain_sites is not None else None
         self.disc_lr, self.disc_hidden = disc_lr, disc_hidden
         self._peer: Optional[Tuple[str, Dict[str, Any]]] = None
@@ -71,7 +74,8 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
                 raise ValueError("FedDA's domain mode needs the model 'unet_domain' (with n_domains = the number of "
                                  "sites) in both the executor's and the persistor's 'model' argument")
             return DomainAdversarialTrainer(model, device, self.domain_index(model.n_domains),
-                                            adv_weight=self.adv_weight, **self.trainer_args())
+                                            adv_weight=self.adv_weight, head_lr=self.head_lr,
+                                            **self.trainer_args())
         return AdversarialSegmentationTrainer(model, device, adv_weight=self.adv_weight, disc_lr=self.disc_lr,
                                               disc_hidden=self.disc_hidden, **self.trainer_args())
 

@@ -69,6 +69,8 @@ class ClassificationExecutor(SiteExecutor):
         local_epochs: local epochs per round.
         batch_size: training batch size.
         optimizer: ``"adam"`` (baselines) or ``"gsam"`` (FedISM, FedISM+).
+        reset_optimizer: a fresh optimiser every round (the FedISM authors' choice); ``false`` keeps Adam's
+            moments across rounds. Every fairness job uses the same setting, so methods compare fairly.
         rho: GSAM radius, also the sharpness probe's radius.
         gsam_alpha: GSAM decomposition coefficient.
         rho_schedule_p: FedISM+'s exponent p of ``rho_t = rho ((t+1)/R)^p``; ``null`` keeps rho constant.
@@ -87,7 +89,7 @@ class ClassificationExecutor(SiteExecutor):
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 4, in_channels: int = 1,
                  spatial_size: Sequence[int] = (64, 64), synthetic: Optional[Dict[str, Any]] = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, local_epochs: int = 1, batch_size: int = 32,
-                 optimizer: str = "adam", rho: float = 0.05, gsam_alpha: float = 0.1,
+                 optimizer: str = "adam", reset_optimizer: bool = False, rho: float = 0.05, gsam_alpha: float = 0.1,
                  rho_schedule_p: Optional[float] = None, tau: float = 1.0, reports: Sequence[str] = ALL_REPORTS,
                  global_test_sites: Optional[Sequence[str]] = None, eval_batch_size: int = 128, seed: int = 0,
                  device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer") -> None:
@@ -103,6 +105,7 @@ class ClassificationExecutor(SiteExecutor):
         self.num_classes, self.in_channels, self.spatial_size = num_classes, in_channels, tuple(spatial_size)
         self.synthetic = synthetic_config(synthetic)
         self.lr, self.weight_decay, self.local_epochs, self.batch_size = lr, weight_decay, local_epochs, batch_size
+        self.reset_optimizer = reset_optimizer
         self.optimizer_kind, self.rho, self.gsam_alpha, self.rho_schedule_p = optimizer, rho, gsam_alpha, rho_schedule_p
         self.tau, self.reports = tau, set(reports)
         self.global_test_sites = set(global_test_sites) if global_test_sites is not None else None
@@ -135,7 +138,8 @@ class ClassificationExecutor(SiteExecutor):
         self.model = build_model(self.model_name, **self.model_args).to(self.device)
         self.trainer = ClassificationTrainer(self.model, self.device, self.data.class_counts, lr=self.lr,
                                              weight_decay=self.weight_decay, optimizer=self.optimizer_kind,
-                                             rho=self.rho, gsam_alpha=self.gsam_alpha, tau=self.tau)
+                                             rho=self.rho, gsam_alpha=self.gsam_alpha, tau=self.tau,
+                                             reset_optimizer=self.reset_optimizer)
         self._restore_state(fl_ctx)
 
     def _restore_state(self, fl_ctx: FLContext) -> None:
