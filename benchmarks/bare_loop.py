@@ -64,7 +64,7 @@ class LoopConfig:
     threads: int = 1
     method: str = "fedavg"  # or "fedda": domain-adversarial alignment among sites
     adv_weight: float = 0.1
-    head_lr: float = 1.0
+    head_lr: float = 0.1
     warmup_rounds: int = 2
 
 
@@ -85,6 +85,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         torch.manual_seed(cfg.seed)
         global_model = build_model(name, **model_args)
     global_w = weights_to_numpy(global_model)
+    param_names = {name for name, _ in global_model.named_parameters()}
     trainers = {}
     train_args = dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer,
                       reset_optimizer=cfg.reset_optimizer)
@@ -133,12 +134,13 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         avg = weighted_average(updates, sample_weights(n))
         if cfg.server_lr == 1.0 and cfg.server_momentum == 0.0:
             global_w = avg
-        else:
-            step = {k: global_w[k] - avg[k] for k in global_w}
+        else:  # as FLARE's FedOpt: an SGD step on the parameters, the plain average for buffers
+            step = {k: global_w[k] - avg[k] for k in param_names}
             if velocity is None:
                 velocity = {k: np.zeros_like(v) for k, v in step.items()}
             velocity = {k: cfg.server_momentum * velocity[k] + step[k] for k in step}
-            global_w = {k: (global_w[k] - cfg.server_lr * velocity[k]).astype(global_w[k].dtype) for k in step}
+            global_w = {k: (global_w[k] - cfg.server_lr * velocity[k]).astype(global_w[k].dtype)
+                        if k in param_names else avg[k] for k in global_w}
         train_s += time.time() - t0
     mean_test = [float(np.mean(list(r["test"].values()))) for r in rounds]
     worst_test = [float(np.min(list(r["test"].values()))) for r in rounds]
@@ -161,6 +163,32 @@ def summary_line(result: Dict[str, Any], label: str) -> str:
             f"({result['seconds']['train']:.0f}s)")
 
 
+def summarise(paths: Sequence[str]) -> str:
+    """Markdown table of JSON-lines results: one row per setting (label without its seed), mean over seeds."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                result = json.loads(line)
+                variant = result["config"]["synthetic"].get("variant", "blobs")
+                dims = result["config"]["synthetic"].get("spatial_dims", 2)
+                key = f"{variant} {dims}D | " + (result["label"].rsplit(" s", 1)[0] or "defaults of LoopConfig")
+                groups.setdefault(key, []).append(result)
+    lines = ["| benchmark | settings | seeds | final mean | final worst | last-5 mean | largest last-5 change |",
+             "|---|---|---|---|---|---|---|"]
+    for key, runs in groups.items():
+        bench, label = key.split(" | ", 1)
+
+        def avg(get):
+            return float(np.mean([get(r) for r in runs]))
+
+        seeds = ",".join(str(r["config"]["seed"]) for r in runs)
+        lines.append(f"| {bench} | {label} | {seeds} | {avg(lambda r: r['mean_test'][-1]):.3f} | "
+                     f"{avg(lambda r: r['worst_test'][-1]):.3f} | {avg(lambda r: r['stability']['last5_mean']):.3f} | "
+                     f"{avg(lambda r: r['stability']['last5_max_change']):.3f} |")
+    return "\n".join(lines)
+
+
 def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -176,7 +204,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 ... swept as a product")
     ap.add_argument("--synthetic", default="{}", help="JSON settings of the benchmark (merged into the default)")
     ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--summarise", nargs="+", metavar="JSONL", help="print a table of earlier results and exit")
     args = ap.parse_args(argv)
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
     base = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     grid = [(k, [parse_value(x) for x in v.split(",")]) for k, v in (item.split("=", 1) for item in args.grid)]
     synthetic = {"modalities": ["t1", "t2", "ct"], **json.loads(args.synthetic)}

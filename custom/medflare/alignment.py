@@ -196,7 +196,7 @@ class DomainAdversarialTrainer(SegmentationTrainer):
     """
 
     def __init__(self, model: nn.Module, device: torch.device, domain_index: int, adv_weight: float = 0.1,
-                 head_lr: float = 1.0, **kwargs: Any) -> None:
+                 head_lr: float = 0.1, **kwargs: Any) -> None:
         if not hasattr(model, "domain_head"):
             raise TypeError("domain-adversarial alignment needs a model with a domain head (model name "
                             "'unet_domain')")

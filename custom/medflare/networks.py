@@ -109,6 +109,9 @@ class DomainHeadUNet(FeatureUNet):
         **kwargs: :class:`FeatureUNet` arguments.
     """
 
+    domain_eps = 1e-2  # variance floor: features that barely vary are not blown up to the scale of the others
+    domain_clip = 5.0  # features that drifted during a round stay in a range the head was trained on
+
     def __init__(self, n_domains: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if n_domains < 2:
@@ -123,11 +126,14 @@ class DomainHeadUNet(FeatureUNet):
     def pool(features: torch.Tensor) -> torch.Tensor:
         """Per-channel mean and standard deviation of a feature map ``(B, C, *spatial)``: ``(B, 2C)``."""
         flat = features.flatten(2)
-        return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+        mean = flat.mean(dim=2)
+        std = torch.sqrt(((flat - mean.unsqueeze(2)) ** 2).mean(dim=2) + 1e-6)  # finite gradient for flat maps
+        return torch.cat([mean, std], dim=1)
 
     def standardise(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features on the federation's scale (see the class docstring)."""
-        return (pooled - self.domain_mean) / torch.sqrt(self.domain_var + 1e-5)
+        scale = torch.sqrt(self.domain_var.clamp_min(0.0) + self.domain_eps)
+        return torch.clamp((pooled - self.domain_mean) / scale, -self.domain_clip, self.domain_clip)
 
     def domain_logits(self, features: torch.Tensor, head: Optional[nn.Module] = None) -> torch.Tensor:
         """Domain logits of a bottleneck feature map, by this model's head or another (e.g. a frozen copy)."""

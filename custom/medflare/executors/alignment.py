@@ -45,8 +45,8 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
         **kwargs: :class:`SegmentationExecutor` arguments.
     """
 
-    def __init__(self, mode: str = "domain", adv_weight: float = 0.1, warmup_rounds: int = 2,
-                 head_lr: float = 1.0, domain_sites: Optional[Sequence[str]] = None, disc_lr: float = 1e-4,
+    def __init__(self, mode: str = "domain", adv_weight: float = 0.03, warmup_rounds: int = 2,
+                 head_lr: float = 0.1, domain_sites: Optional[Sequence[str]] = None, disc_lr: float = 1e-4,
                  disc_hidden: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in MODES:
