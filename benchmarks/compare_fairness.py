@@ -8,10 +8,16 @@ interrupted sweep resumes where it stopped.
     python benchmarks/compare_fairness.py --out results/fairness --seeds 0 1 2 --rounds 12
     python benchmarks/compare_fairness.py --out /tmp/f20 --setting paper --n-clients 20 --methods fedism --seeds 0
 
-Scores of a run are the mean over its last ``--last`` rounds (FFL4MIA averages its last rounds) of what the sites
-report for the global model they receive: balanced accuracy on each site's held-out split (mean, worst site, std,
-max-min gap), and balanced accuracy on the global clean and corrupted test sets with their gap. Writes
-``<out>/results.md``, ``<out>/results.csv`` (mean +- std over seeds) and ``<out>/curves.png``.
+Every score is on held-out **test** data (validation only selects the best model): balanced accuracy of the
+final global model on each site's test split (mean, worst site, std, max-min gap; ``last5_*``: the same averaged
+over the final five global models), and on the global clean and corrupted test sets (mean over the last ``--last``
+rounds, as FFL4MIA reports). Methods are paired with ``fedavg_cls`` by seed: the table gives the mean difference
+and its 95% t interval (``*`` where it excludes 0). Writes ``<out>/results.md``, ``<out>/results.csv``,
+``<out>/curves.png`` and ``<out>/weights.png`` (every site's aggregation weight and sharpness per round).
+
+Settings: ``--setting quality`` (4 sites; ``--qualities hq hq hq blur`` gives the minority-corrupted variant),
+``--setting paper`` (N clients, the last k with Gaussian noise). Variants: ``fedavg_cls:optimizer=gsam`` (executor
+arguments), ``fedism:agg.q=0`` (aggregator arguments), combined with commas.
 """
 
 from __future__ import annotations
@@ -28,29 +34,39 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 
+from compare import parse_method  # noqa: E402
 from jobtools import copy_job, run_simulator  # noqa: E402
 
 METHODS = ("fedavg_cls", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism", "fedism_plus")
-COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "auc_mean", "test_clean", "test_corrupted",
-           "clean_corrupted_gap")
+COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "last5_mean", "last5_worst", "test_clean",
+           "test_corrupted", "clean_corrupted_gap")
+BASELINE = "fedavg_cls"
+
+
+def run_dir_of(out: str, method: str, seed: int) -> str:
+    return os.path.join(out, "runs", method.replace(":", "__").replace(",", "_"), f"seed{seed}")
 
 
 def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], n_clients: int,
                 out: str) -> Optional[str]:
     """Copy the job for one run (all copies are made before the first run, so editing the code during a sweep does
     not change it); returns None if the run already finished."""
-    run_dir = os.path.join(out, "runs", method, f"seed{seed}")
+    run_dir = run_dir_of(out, method, seed)
     if os.path.isfile(os.path.join(run_dir, "record.json")):
         return None
+    name, overrides = parse_method(method)
+    client = {k: v for k, v in overrides.items() if not k.startswith("agg.")}
+    aggregator = {k[4:]: v for k, v in overrides.items() if k.startswith("agg.")}
     job_root = os.path.join(run_dir, "job")
     if os.path.isdir(job_root):
         import shutil
 
         shutil.rmtree(job_root)
     os.makedirs(run_dir, exist_ok=True)
-    job = copy_job(method, job_root, num_rounds=rounds,
-                   client_args={"synthetic": {**synthetic, "seed": seed}, "seed": seed},
-                   server_args={"min_clients": n_clients}, component_args={"persistor": {"seed": seed}})
+    job = copy_job(name, job_root, num_rounds=rounds,
+                   client_args={**client, "synthetic": {**synthetic, "seed": seed}, "seed": seed},
+                   server_args={"min_clients": n_clients},
+                   component_args={"persistor": {"seed": seed}, "aggregator": aggregator})
     with open(os.path.join(job, "meta.json")) as f:
         meta = json.load(f)
     meta["min_clients"] = n_clients
@@ -60,12 +76,12 @@ def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], 
 
 
 def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, out: str) -> Dict[str, Any]:
-    run_dir = os.path.join(out, "runs", method, f"seed{seed}")
+    run_dir = run_dir_of(out, method, seed)
     record_path = os.path.join(run_dir, "record.json")
     if os.path.isfile(record_path):
         with open(record_path) as f:
             return json.load(f)
-    job = os.path.join(run_dir, "job", method)
+    job = os.path.join(run_dir, "job", parse_method(method)[0])
     ws = os.path.join(run_dir, "ws")
     start = time.time()
     proc = run_simulator(job, ws, n_clients=n_clients, threads=threads,
@@ -76,23 +92,30 @@ def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, o
     with open(os.path.join(ws, "server", "simulate_job", "metrics", "metrics_summary.json")) as f:
         summary = json.load(f)
     record = {"method": method, "seed": seed, "rounds": rounds, "seconds": round(seconds, 1),
-              "summary_rounds": summary["rounds"], "cross_site": summary.get("cross_site")}
+              "summary_rounds": summary["rounds"], "cross_site": summary.get("cross_site"),
+              "held_out": summary.get("test")}
     with open(record_path, "w") as f:
         json.dump(record, f)
     return record
 
 
 def scores(record: Dict[str, Any], last: int) -> Dict[str, float]:
-    """Mean over the last ``last`` rounds of the round-level fairness numbers."""
-    rounds = record["summary_rounds"][-last:]
+    """Test-split fairness of the final global model, its last-five average, and the global test sets' balanced
+    accuracy averaged over the last ``last`` rounds."""
     values: Dict[str, List[float]] = {c: [] for c in COLUMNS}
-    for entry in rounds:
-        fair, auc, test = entry.get("fairness") or {}, entry.get("fairness_auc") or {}, entry.get("global_test") or {}
-        for k in ("mean", "worst", "std", "gap"):
-            if k in fair:
-                values[f"bacc_{k}"].append(fair[k])
-        if "mean" in auc:
-            values["auc_mean"].append(auc["mean"])
+    held_out = record.get("held_out") or {}
+    final = (held_out.get("matrix") or {}).get("global")
+    if final:
+        v = np.array(list(final.values()))
+        values["bacc_mean"].append(float(v.mean()))
+        values["bacc_worst"].append(float(v.min()))
+        values["bacc_std"].append(float(v.std()))
+        values["bacc_gap"].append(float(v.max() - v.min()))
+    if held_out.get("last5"):
+        values["last5_mean"].append(held_out["last5"]["mean"])
+        values["last5_worst"].append(held_out["last5"]["worst"])
+    for entry in record["summary_rounds"][-last:]:
+        test = entry.get("global_test") or {}
         for src, dst in (("clean_bacc", "test_clean"), ("corrupted_bacc", "test_corrupted"),
                          ("clean_corrupted_gap", "clean_corrupted_gap")):
             if src in test:
@@ -101,28 +124,47 @@ def scores(record: Dict[str, Any], last: int) -> Dict[str, float]:
 
 
 def aggregate(records: Sequence[Dict[str, Any]], methods: Sequence[str], last: int) -> List[Dict[str, Any]]:
+    from medflare.statistics import paired_difference
+
+    base = {r["seed"]: scores(r, last) for r in records if r["method"] == BASELINE}
     rows = []
     for method in methods:
-        runs = [scores(r, last) for r in records if r["method"] == method]
+        mine = [r for r in records if r["method"] == method]
+        runs = [scores(r, last) for r in mine]
         if not runs:
             continue
         row: Dict[str, Any] = {"method": method, "n_seeds": len(runs),
-                               "seconds": float(np.mean([r["seconds"] for r in records if r["method"] == method]))}
+                               "seconds": float(np.mean([r["seconds"] for r in mine]))}
         for c in COLUMNS:
             vals = [r[c] for r in runs if c in r]
             if vals:
                 row[c] = float(np.mean(vals))
                 row[f"{c}_sd"] = float(np.std(vals))
+        if method != BASELINE:
+            for c in ("bacc_mean", "bacc_worst"):
+                pairs = [(scores(r, last)[c], base[r["seed"]][c]) for r in mine
+                         if r["seed"] in base and c in base[r["seed"]]]
+                if pairs:
+                    row[f"vs_{c}"] = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
         rows.append(row)
     return rows
 
 
+def _diff(d: Optional[Dict[str, float]]) -> str:
+    if not d:
+        return ""
+    if d["n"] < 2:
+        return f"{d['diff']:+.3f}"
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["significant"] else "")
+
+
 def write_tables(rows: List[Dict[str, Any]], out: str, command: str) -> str:
-    header = ["method", "seeds", *COLUMNS, "s/run"]
+    header = ["method", "seeds", *COLUMNS, f"mean − {BASELINE} (95% CI)", f"worst − {BASELINE} (95% CI)", "s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], str(row["n_seeds"])]
         cells += [f"{row[c]:.3f} ± {row[c + '_sd']:.3f}" if c in row else "" for c in COLUMNS]
+        cells += [_diff(row.get("vs_bacc_mean")), _diff(row.get("vs_bacc_worst"))]
         cells.append(f"{row['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
@@ -130,9 +172,12 @@ def write_tables(rows: List[Dict[str, Any]], out: str, command: str) -> str:
         f.write(f"Regenerate: `{command}`\n\n{text}\n")
     with open(os.path.join(out, "results.csv"), "w") as f:
         cols = ["method", "n_seeds", "seconds"] + [x for c in COLUMNS for x in (c, c + "_sd")]
-        f.write(",".join(cols) + "\n")
+        f.write(",".join(cols + ["vs_mean_diff", "vs_mean_low", "vs_mean_high", "vs_worst_diff", "vs_worst_low",
+                                 "vs_worst_high"]) + "\n")
         for row in rows:
-            f.write(",".join(str(row.get(c, "")) for c in cols) + "\n")
+            diffs = [str((row.get(f"vs_{c}") or {}).get(k, "")) for c in ("bacc_mean", "bacc_worst")
+                     for k in ("diff", "low", "high")]
+            f.write(",".join([str(row.get(c, "")) for c in cols] + diffs) + "\n")
     return text
 
 
@@ -164,6 +209,33 @@ def plot(records: Sequence[Dict[str, Any]], methods: Sequence[str], out: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    plot_weights(records, methods, out, plt)
+    return path
+
+
+def plot_weights(records: Sequence[Dict[str, Any]], methods: Sequence[str], out: str, plt) -> Optional[str]:
+    """Every site's aggregation weight and reported sharpness per round (first seed of each method)."""
+    shown = [m for m in methods if any(r["method"] == m for r in records)]
+    if not shown:
+        return None
+    fig, axes = plt.subplots(2, len(shown), figsize=(3.6 * len(shown), 6), squeeze=False)
+    for col, method in enumerate(shown):
+        run = next(r for r in records if r["method"] == method)
+        sites = sorted({s for e in run["summary_rounds"] for s in e["sites"]})
+        for site in sites:
+            w = [(e.get("aggregation_weights") or {}).get(site, np.nan) for e in run["summary_rounds"]]
+            sh = [e["sites"].get(site, {}).get("sharpness", np.nan) for e in run["summary_rounds"]]
+            quality = next((e["sites"][site].get("quality") for e in run["summary_rounds"] if site in e["sites"]), "")
+            axes[0][col].plot(w, label=f"{site} ({quality})")
+            axes[1][col].plot(sh, label=site)
+        axes[0][col].set_title(f"{method}: aggregation weight", fontsize=8)
+        axes[1][col].set_title("reported sharpness", fontsize=8)
+        axes[1][col].set_xlabel("round")
+    axes[0][0].legend(fontsize=6)
+    path = os.path.join(out, "weights.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
     return path
 
 
@@ -179,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--setting", choices=("quality", "paper"), default="quality",
                         help="quality: 4 sites hq/blur/noisy/lowres; paper: N clients, last k with Gaussian noise")
+    parser.add_argument("--qualities", nargs="+", help="site qualities of the quality setting, e.g. hq hq hq blur")
     parser.add_argument("--n-clients", type=int, default=20)
     parser.add_argument("--n-corrupted", type=int, default=4)
     parser.add_argument("--severity", type=int, default=3)
@@ -187,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     synthetic: Dict[str, Any] = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
     n_clients = 4
+    if args.qualities:
+        synthetic["qualities"] = list(args.qualities)
+        n_clients = len(args.qualities)
     if args.setting == "paper":
         synthetic.update(n_clients=args.n_clients, n_corrupted=args.n_corrupted, severity=args.severity,
                          alpha=args.alpha)
@@ -196,6 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for method in args.methods:
             prepare_run(method, seed, args.rounds, synthetic, n_clients, args.out)
     records = []
+    started = time.time()
     for seed in args.seeds:
         for method in args.methods:
             record = run_one(method, seed, args.rounds, n_clients, args.threads or n_clients, args.out)
@@ -204,6 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = "python benchmarks/compare_fairness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_tables(aggregate(records, args.methods, args.last), args.out, command))
     plot(records, args.methods, args.out)
+    print(f"sweep wall time {time.time() - started:.0f}s; runs {sum(r['seconds'] for r in records):.0f}s in all")
 
 
 if __name__ == "__main__":

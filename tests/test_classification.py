@@ -128,3 +128,35 @@ def test_round_report_and_rows():
     rows = fairness_rows([{"round": 0, "fairness": {"mean": 0.7, "worst": 0.5, "worst_site": "b", "std": 0.2,
                                                     "gap": 0.4, "jain": 0.9}, **report}])
     assert rows[0]["bacc_gap"] == 0.4 and rows[0]["test_clean_corrupted_gap"] == pytest.approx(0.2)
+
+
+def test_site_test_split_is_new_data_and_leaves_train_and_val_unchanged():
+    from medflare.classification.synthetic import SyntheticClsConfig, make_site_arrays
+
+    cfg = SyntheticClsConfig(qualities=("hq", "blur"), n_train=6, n_val=4, n_site_test=5, n_test=0)
+    tx, _ = make_site_arrays(cfg, 1, "train")
+    vx, _ = make_site_arrays(cfg, 1, "val")
+    sx, sy = make_site_arrays(cfg, 1, "test")
+    assert sx.shape == (5, 1, 64, 64) and sy.shape == (5,)
+    assert not any(np.array_equal(a, b) for a in sx for b in np.concatenate([tx, vx]))
+    other = SyntheticClsConfig(qualities=("hq", "blur"), n_train=6, n_val=4, n_site_test=2, n_test=0)
+    assert np.array_equal(make_site_arrays(other, 1, "train")[0], tx)
+    assert np.array_equal(make_site_arrays(other, 1, "val")[0], vx)
+
+
+def test_classifier_fresh_optimizer_per_round():
+    from medflare.classification.models import TinyCNN
+    from medflare.classification.training import ArrayDataset, ClassificationTrainer
+
+    data = ArrayDataset(np.random.RandomState(0).normal(size=(8, 1, 32, 32)).astype(np.float32),
+                        np.array([0, 1, 2, 3] * 2))
+    trainer = ClassificationTrainer(TinyCNN(), torch.device("cpu"), [2, 2, 2, 2], reset_optimizer=True)
+    trainer.fit(data, 1, 4)
+    first = trainer.optimizer
+    trainer.fit(data, 1, 4)
+    assert trainer.optimizer is not first and trainer.gsam.base_optimizer is trainer.optimizer
+    kept = ClassificationTrainer(TinyCNN(), torch.device("cpu"), [2, 2, 2, 2])
+    kept.fit(data, 1, 4)
+    first = kept.optimizer
+    kept.fit(data, 1, 4)
+    assert kept.optimizer is first

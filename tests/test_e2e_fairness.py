@@ -38,6 +38,7 @@ def check_classification_run(run_dir, sites, num_rounds):
         for site, metrics in entry["sites"].items():
             assert 0.0 <= metrics["bacc"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0, (site, metrics)
             assert metrics["loss_global"] > 0
+            assert 0.0 <= metrics["test_bacc"] <= 1.0 and metrics["n_test"] > 0, (site, metrics)
         assert entry["fairness"]["n_sites"] == len(sites)
         assert entry["fairness_auc"]["n_sites"] == len(sites)
         test = entry["global_test"]
@@ -48,6 +49,9 @@ def check_classification_run(run_dir, sites, num_rounds):
         rows = list(csv.DictReader(f))
     assert len(rows) == num_rounds and all(c in rows[0] for c in FAIRNESS_COLUMNS), rows[0].keys()
     assert sorted(summary["cross_site"]["matrix"]["global"]) == sorted(sites)
+    held_out = summary["test"]  # reported on every site's test split, the final model from cross-site evaluation
+    assert held_out["split"] == "test" and held_out["global"] is not None
+    assert [c["round"] for c in held_out["rounds"]] == list(range(num_rounds + 1))
     for site in sites:
         assert glob.glob(os.path.join(run_dir, "tb_events", site, "events.*")), f"no TensorBoard events of {site}"
     assert glob.glob(os.path.join(run_dir, "tb_events", "server", "events.*"))

@@ -10,7 +10,8 @@ one site's settings or ``{"sites": {"<site>": {...}}}``. A classification site's
   ``{"format": "image_list", "train": "train.csv", "val": "val.csv"}``,
   ``{"format": "isic", "csv": "labels.csv", "image_dir": "images", "val_fraction": 0.2}``,
   ``{"format": "rsna", "csv": "labels.csv", "dicom_dir": "dicom", "window": [40, 80]}``,
-  optionally with ``"global_test": {"clean": <same kind of source>, "corrupted": <source>}``.
+  optionally with ``"global_test": {"clean": <same kind of source>, "corrupted": <source>}`` and the site's own
+  held-out test images ``"test": <same kind of source>`` (reported, never used for selection).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from .training import ArrayDataset
 
 @dataclass
 class ClsSiteData:
-    """A site's training/validation data, optional global test sets, and where they came from."""
+    """A site's training/validation/test data, optional global test sets, and where they came from.
+
+    ``test`` (reporting only) is ``None`` for a real-data site without a ``"test"`` source; its reports then fall
+    back to validation, flagged."""
 
     site: str
     source: str
@@ -36,6 +40,7 @@ class ClsSiteData:
     val: ArrayDataset
     num_classes: int
     global_test: Dict[str, ArrayDataset] = field(default_factory=dict)
+    test: Optional[ArrayDataset] = None
 
     @property
     def class_counts(self):
@@ -61,7 +66,8 @@ def _synthetic(config: SyntheticClsConfig, index: int, site: str, source: str, w
         test = {"clean": ArrayDataset(t["clean"], t["labels"]), "corrupted": ArrayDataset(t["corrupted"], t["labels"])}
     return ClsSiteData(site=site, source=source, quality=config.qualities[index],
                        train=ArrayDataset(arrays["train_x"], arrays["train_y"]),
-                       val=ArrayDataset(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test)
+                       val=ArrayDataset(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test,
+                       test=ArrayDataset(arrays["test_x"], arrays["test_y"]))
 
 
 def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: SyntheticClsConfig, num_classes: int = 4,
@@ -98,10 +104,14 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
             for name, spec in entry["global_test"].items():
                 test[name] = load_source({**spec, "val_fraction": 0.0}, base, num_classes, in_channels,
                                          spatial_size)[0]
+        site_test = None
+        if entry.get("test"):
+            site_test = load_source({**entry["test"], "val_fraction": 0.0}, base, num_classes, in_channels,
+                                    spatial_size)[0]
     except DataError as e:
         raise DataError(f"site '{site}' ({path}): {e}") from None
     return ClsSiteData(site=site, source=path, quality=str(entry.get("quality", "")), train=train, val=val,
-                       num_classes=num_classes, global_test=test)
+                       num_classes=num_classes, global_test=test, test=site_test)
 
 
 def synthetic_config(settings: Optional[Dict[str, Any]]) -> SyntheticClsConfig:

@@ -72,7 +72,8 @@ class SyntheticClsConfig:
     Args:
         qualities: quality of site-1, site-2, ... (see the module table).
         n_train: training images per site (with a Dirichlet split: the mean per site).
-        n_val: held-out validation images per site.
+        n_val: held-out validation images per site (model selection).
+        n_site_test: held-out test images per site (reporting only), drawn like the validation split.
         n_test: images of the global clean (and corrupted) test set; 0 disables it.
         size: image edge in pixels (>= 32).
         dirichlet_alpha: ``None``: each site draws uniform labels; a number: Dirichlet label split within the clean
@@ -84,6 +85,7 @@ class SyntheticClsConfig:
     qualities: Tuple[str, ...] = DEFAULT_QUALITIES
     n_train: int = 128
     n_val: int = 64
+    n_site_test: int = 128
     n_test: int = 200
     size: int = 64
     dirichlet_alpha: Optional[float] = None
@@ -99,8 +101,8 @@ class SyntheticClsConfig:
             raise ValueError("the benchmark needs at least one site")
         if self.size < 32:
             raise ValueError(f"size must be >= 32, got {self.size}")
-        if self.n_train < 1 or self.n_val < 1 or self.n_test < 0:
-            raise ValueError("n_train and n_val must be >= 1 and n_test >= 0")
+        if self.n_train < 1 or self.n_val < 1 or self.n_site_test < 1 or self.n_test < 0:
+            raise ValueError("n_train, n_val and n_site_test must be >= 1 and n_test >= 0")
         if self.dirichlet_alpha is not None and self.dirichlet_alpha <= 0:
             raise ValueError("dirichlet_alpha must be positive")
 
@@ -222,30 +224,33 @@ def partition_counts(config: SyntheticClsConfig) -> np.ndarray:
     raise ValueError(f"could not give every site >= {config.min_train} images; lower min_train or raise n_train")
 
 
+SPLIT_OFFSETS = {"train": 0, "test": 25, "val": 50}
+
+
 def site_labels(config: SyntheticClsConfig, site_index: int, split: str) -> np.ndarray:
-    """Labels of one site's ``train`` or ``val`` split."""
+    """Labels of one site's ``train``, ``val`` or ``test`` split (test is drawn like validation)."""
     if split == "train":
         rs = np.random.RandomState(config.seed * 100 + site_index + 1)
         if config.dirichlet_alpha is None:
             return rs.randint(0, NUM_CLASSES, config.n_train)
         counts = partition_counts(config)[site_index]
         return rs.permutation(np.repeat(np.arange(NUM_CLASSES), counts))
-    rs = np.random.RandomState(config.seed * 100 + 50 + site_index + 1)
+    rs = np.random.RandomState(config.seed * 100 + SPLIT_OFFSETS[split] + site_index + 1)
+    n = config.n_val if split == "val" else config.n_site_test
     if config.dirichlet_alpha is None:
-        return rs.randint(0, NUM_CLASSES, config.n_val)
+        return rs.randint(0, NUM_CLASSES, n)
     counts = partition_counts(config)[site_index].astype(np.float64)
-    return rs.choice(NUM_CLASSES, size=config.n_val, p=counts / counts.sum())
+    return rs.choice(NUM_CLASSES, size=n, p=counts / counts.sum())
 
 
 def make_site_arrays(config: SyntheticClsConfig, site_index: int, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """Images ``(N, 1, size, size)`` float32 and labels ``(N,)`` int64 of a site's split."""
     if not 0 <= site_index < config.n_sites:
         raise ValueError(f"site index {site_index} out of range for {config.n_sites} synthetic sites")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_OFFSETS)}, got {split!r}")
     labels = site_labels(config, site_index, split)
-    offset = 0 if split == "train" else 50
-    rs = np.random.RandomState(config.seed * 100 + offset + site_index + 1 + 10_000)
+    rs = np.random.RandomState(config.seed * 100 + SPLIT_OFFSETS[split] + site_index + 1 + 10_000)
     quality = config.qualities[site_index]
     images = [degrade(render_clean(int(c), rs, config.size), quality, rs) for c in labels]
     return np.stack(images)[:, None], labels.astype(np.int64)
@@ -283,12 +288,13 @@ def _cache_root(config: SyntheticClsConfig, cache_dir: Optional[str]) -> str:
 
 def load_site_arrays(config: SyntheticClsConfig, site_index: int, cache_dir: Optional[str] = None
                      ) -> Dict[str, np.ndarray]:
-    """A site's ``train_x, train_y, val_x, val_y`` (generated once, then read from the cache)."""
+    """A site's ``train_x, train_y, val_x, val_y, test_x, test_y`` (generated once, then read from the cache)."""
     path = os.path.join(_cache_root(config, cache_dir), f"site-{site_index + 1}.npz")
     if not os.path.isfile(path):
-        tx, ty = make_site_arrays(config, site_index, "train")
-        vx, vy = make_site_arrays(config, site_index, "val")
-        _atomic_savez(path, train_x=tx, train_y=ty, val_x=vx, val_y=vy)
+        arrays = {}
+        for split in ("train", "val", "test"):
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = make_site_arrays(config, site_index, split)
+        _atomic_savez(path, **arrays)
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
 

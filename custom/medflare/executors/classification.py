@@ -46,7 +46,8 @@ from .base import load_weights, resolve_device, save_state_atomic, weights_to_nu
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
 REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBAL_TRAIN, "rho", fr.SHARPNESS,
-                    fr.LOSS_PREV_LOCAL, fr.PREV_LOCAL_ROUND, fr.FEDCE_MINUS_SCORE, "test_clean_bacc",
+                    fr.LOSS_PREV_LOCAL, fr.PREV_LOCAL_ROUND, fr.FEDCE_MINUS_SCORE, "n_test", "test_bacc",
+                    "test_auc", "test_clean_bacc",
                     "test_clean_auc", "test_corrupted_bacc", "test_corrupted_auc", "bacc_local", "train_seconds",
                     "probe_seconds", "train_loss")
 
@@ -159,7 +160,9 @@ class ClassificationExecutor(SiteExecutor):
 
     # ------------------------------------------------------------------ statistics
     def _validation_metrics(self) -> Dict[str, float]:
-        return self.evaluate(self.data.val)
+        """Cross-site evaluation: the site's test split (validation when it has none, flagged)."""
+        on_test = self.data.test is not None
+        return {**self.evaluate(self.data.test if on_test else self.data.val), "on_test_split": float(on_test)}
 
     def evaluate(self, dataset, model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
         metrics = evaluate_classifier(model or self.model, dataset, self.device, self.eval_batch_size)
@@ -193,6 +196,10 @@ class ClassificationExecutor(SiteExecutor):
             if "minus_model" in self.reports and coef is not None and 0.0 < float(coef) < 1.0:
                 load_weights(self.scratch, fr.minus_model(global_weights, previous, float(coef)), "minus model")
                 report[fr.FEDCE_MINUS_SCORE] = self.evaluate(train, self.scratch)["bacc"]
+        if self.data.test is not None:
+            metrics = self.evaluate(self.data.test)
+            report["n_test"] = len(self.data.test)
+            report.update({f"test_{k}": metrics[k] for k in ("bacc", "auc") if k in metrics})
         for name, dataset in self.data.global_test.items():
             metrics = self.evaluate(dataset)
             report[f"test_{name}_bacc"] = metrics["bacc"]
