@@ -197,3 +197,13 @@ def test_minus_model_removes_the_site_contribution():
     with pytest.raises(ValueError):
         F.minus_model(glob, prev, 1.0)
     assert F.is_trainable_key("conv.weight") and not F.is_trainable_key("bn.running_mean")
+
+
+def test_fedism_with_q_zero_is_uniform_so_it_equals_fedavg_on_equal_sites():
+    """The q = 0 ablation: FedISM's weights ignore sharpness and stay uniform across rounds, which is what FedAvg
+    gives sites of equal size (FedISM with q = 0 is FedAvg + GSAM)."""
+    first = F.fedism_weights({"a": 0.01, "b": 5.0, "c": 0.3}, q=0.0)
+    assert first == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    later = F.fedism_weights({"a": 9.0, "b": 0.1, "c": 0.3}, q=0.0, prev=first)
+    assert later == pytest.approx(first)
+    assert F.fedism_weights({"a": 0.01, "b": 5.0}, q=2.0)["b"] > 0.99
