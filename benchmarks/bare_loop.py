@@ -172,7 +172,12 @@ def summarise(paths: Sequence[str]) -> str:
                 result = json.loads(line)
                 variant = result["config"]["synthetic"].get("variant", "blobs")
                 dims = result["config"]["synthetic"].get("spatial_dims", 2)
-                key = f"{variant} {dims}D | " + (result["label"].rsplit(" s", 1)[0] or "defaults of LoopConfig")
+                cfg = result["config"]
+                settings = (f"{cfg['optimizer']} lr {cfg['lr']}, optimiser {'reset' if cfg['reset_optimizer'] else 'kept'}"
+                            f", {cfg['local_epochs']} epoch(s), server momentum {cfg['server_momentum']}"
+                            + (f", {cfg['lr_schedule']} lr" if cfg.get("lr_schedule", "constant") != "constant" else "")
+                            + (f", FedDA adv_weight {cfg['adv_weight']}" if cfg.get("method") == "fedda" else ""))
+                key = f"{variant} {dims}D | {settings}"
                 groups.setdefault(key, []).append(result)
     lines = ["| benchmark | settings | seeds | final mean | final worst | last-5 mean | largest last-5 change |",
              "|---|---|---|---|---|---|---|"]

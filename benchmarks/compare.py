@@ -179,7 +179,7 @@ def federated_record(method: str, seed: int, summary: Dict[str, Any], checkpoint
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     site_data = load_benchmark(synthetic)[1]
     dims = site_data[sites[0]].test[0]["image"].ndim - 1
-    head = state.get("domain_head.2.weight")
+    head = state.get("domain_head.weight")
     model = build_model("unet_domain", n_domains=head.shape[0], spatial_dims=dims) if head is not None \
         else build_model("unet", spatial_dims=dims)
     load_weights(model, state, checkpoint)
