@@ -5,32 +5,39 @@ import os
 
 import pytest
 
-from flare_runs import check_run, error_lines, initial_and_final_dice, prepare_job, run_simulator
+from flare_runs import check_run, copy_job, error_lines, initial_and_final_dice, prepare_job, run_simulator
 
 SITES = ["site-1", "site-2", "site-3"]
 ROUNDS = 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_cyclic"])
+@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_domain", "fedda_cyclic"])
 def test_job_runs_and_improves(job_name, tmp_path):
-    job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
+    if job_name == "fedda_domain":  # the job with FedDA's domain mode, as docs/fedda.md describes it
+        model = {"name": "unet_domain", "n_domains": 3}
+        job = copy_job("fedda", str(tmp_path), num_rounds=ROUNDS,
+                       client_args={"mode": "domain", "adv_weight": 0.03, "model": model},
+                       component_args={"persistor": {"model": model}})
+    else:
+        job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
     ws = str(tmp_path / "ws")
     proc = run_simulator(job, ws, n_clients=3)
     with open(ws + ".out") as f:
         output = f.read()
     assert proc.returncode == 0, output[-3000:]
     assert not error_lines(ws), error_lines(ws)[:10]
-    model = {"name": "unet_domain", "n_domains": 3} if job_name == "fedda" else None
+    model = {"name": "unet_domain", "n_domains": 3} if job_name == "fedda_domain" else None
     summary = check_run(os.path.join(ws, "server", "simulate_job"), SITES, ROUNDS, model)
     initial, final = initial_and_final_dice(summary)
     assert final > initial + 0.05, f"final mean Dice {final:.3f} not above the initial model's {initial:.3f}"
     if job_name == "fedda_cyclic":  # round 1: every site aligns to its ring neighbour's round-0 encoder
         assert "round 1 relay (site <- encoder of): site-1 <- site-3, site-2 <- site-1, site-3 <- site-2" in output
-    if job_name == "fedda_cyclic":
+    if job_name.startswith("fedda") and job_name != "fedda_domain":
         with open(os.path.join(ws, "site-2", "log.txt")) as f:
-            assert "round 1: aligning encoder features to the encoder of site-1" in f.read()
-    if job_name == "fedda":
+            expected = "encoder of site-1" if job_name == "fedda_cyclic" else "encoder of the global model"
+            assert f"round 1: aligning encoder features to the {expected}" in f.read()
+    if job_name == "fedda_domain":
         with open(os.path.join(ws, "site-2", "log.txt")) as f:
             assert "round 1: confusing the received domain head" in f.read()
         assert all("domain_acc" in m for r in summary["rounds"] for m in r["sites"].values())
