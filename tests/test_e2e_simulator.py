@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from flare_runs import check_run, copy_job, error_lines, initial_and_final_dice, prepare_job, run_simulator
+from flare_runs import check_run, error_lines, initial_and_final_dice, prepare_job, run_simulator
 
 SITES = ["site-1", "site-2", "site-3"]
 ROUNDS = 2
@@ -14,13 +14,7 @@ ROUNDS = 2
 @pytest.mark.slow
 @pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_domain", "fedda_cyclic"])
 def test_job_runs_and_improves(job_name, tmp_path):
-    if job_name == "fedda_domain":  # the job with FedDA's domain mode, as docs/fedda.md describes it
-        model = {"name": "unet_domain", "n_domains": 3}
-        job = copy_job("fedda", str(tmp_path), num_rounds=ROUNDS,
-                       client_args={"mode": "domain", "adv_weight": 0.03, "model": model},
-                       component_args={"persistor": {"model": model}})
-    else:
-        job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
+    job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
     ws = str(tmp_path / "ws")
     proc = run_simulator(job, ws, n_clients=3)
     with open(ws + ".out") as f:
