@@ -242,8 +242,8 @@ def scores(record: Dict[str, Any]) -> Dict[str, float]:
     curve = [r["test"] for r in record["rounds"] if r.get("test")]
     if "global" in matrix:  # federated: the rounds hold received models; the final one is the cross-site row
         curve = curve + [matrix["global"]]
-        best = max(record["rounds"][1:], key=lambda r: np.mean(list(r["val"].values())))
-        out["best_mean"], out["best_worst"] = _mean_worst(matrix.get("best_global") or best["test"])
+        if matrix.get("best_global"):  # FLARE keeps no best model of a one-round run
+            out["best_mean"], out["best_worst"] = _mean_worst(matrix["best_global"])
     elif record["method"] == "pooled":
         best = max(record["rounds"], key=lambda r: np.mean(list(r["val"].values())))
         out["best_mean"], out["best_worst"] = _mean_worst(best["test"])
