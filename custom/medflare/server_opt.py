@@ -8,8 +8,12 @@ starts from exactly the persistor's (seeded) initial weights and the job names i
 Pair it with ``WeightedAggregator(output="weight_diff")``. FedAvgM with server learning rate 1 and momentum ``m``::
 
     {"id": "shareable_generator", "path": "medflare.server_opt.ServerOptimizer",
-     "args": {"optimizer_args": {"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.5},
+     "args": {"optimizer_args": {"path": "medflare.server_opt.SGD", "args": {"lr": 1.0, "momentum": 0.5},
                                  "config_type": "dict"}}}
+
+``medflare.server_opt.SGD`` and ``medflare.server_opt.Adam`` are torch's optimisers under a ``medflare.`` path:
+FLARE builds the optimiser from its path, and a site whose class allow-list admits only ``medflare.`` (the
+templates' default, and the only choice for jobs that run on site-installed code) refuses ``torch.optim.*``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
+from torch.optim import SGD, Adam
+
+__all__ = ["Adam", "SGD", "ServerOptimizer"]
 
 
 class ServerOptimizer(PTFedOptModelShareableGenerator):
