@@ -211,8 +211,10 @@ def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], out:
 
 
 def _mean_worst(per_site: Dict[str, float]) -> tuple:
-    values = list(per_site.values())
-    return float(np.mean(values)), float(np.min(values))
+    from medflare.results import mean_and_worst
+
+    both = mean_and_worst(per_site)
+    return both["mean"], both["worst"]
 
 
 def scores(record: Dict[str, Any]) -> Dict[str, float]:
@@ -288,7 +290,7 @@ COLUMNS = ["mean", "worst", "best_mean", "best_worst", "last5_mean", "last5_wors
            "cross_site"]
 
 
-def _diff_cell(d: Optional[Dict[str, float]]) -> str:
+def format_difference(d: Optional[Dict[str, float]]) -> str:
     if not d:
         return "–"
     if d["n"] < 2:
@@ -325,7 +327,7 @@ def write_tables(rows: List[Dict[str, Any]], out: str, baseline: str = "fedavg")
                 csv_cells += ["", ""]
         for k in ("mean", "worst"):
             d = row.get(f"vs_{baseline}_{k}")
-            cells.append(_diff_cell(d))
+            cells.append(format_difference(d))
             csv_cells += [f"{d[p]:.4f}" for p in ("diff", "low", "high")] if d else ["", "", ""]
         rel = f"{row['wall_seconds'] / base_time:.2f}x" if base_time and row["method"] not in REFERENCE_METHODS \
             else "–"

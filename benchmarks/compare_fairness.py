@@ -34,7 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 
-from compare import parse_method  # noqa: E402
+from compare import format_difference, parse_method  # noqa: E402
 from jobtools import copy_job, run_simulator  # noqa: E402
 
 METHODS = ("fedavg_cls", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism", "fedism_plus")
@@ -150,21 +150,13 @@ def aggregate(records: Sequence[Dict[str, Any]], methods: Sequence[str], last: i
     return rows
 
 
-def _diff(d: Optional[Dict[str, float]]) -> str:
-    if not d:
-        return ""
-    if d["n"] < 2:
-        return f"{d['diff']:+.3f}"
-    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["significant"] else "")
-
-
 def write_tables(rows: List[Dict[str, Any]], out: str, command: str) -> str:
     header = ["method", "seeds", *COLUMNS, f"mean − {BASELINE} (95% CI)", f"worst − {BASELINE} (95% CI)", "s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], str(row["n_seeds"])]
         cells += [f"{row[c]:.3f} ± {row[c + '_sd']:.3f}" if c in row else "" for c in COLUMNS]
-        cells += [_diff(row.get("vs_bacc_mean")), _diff(row.get("vs_bacc_worst"))]
+        cells += [format_difference(row.get("vs_bacc_mean")), format_difference(row.get("vs_bacc_worst"))]
         cells.append(f"{row['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)

@@ -166,7 +166,7 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
                 val_only.add(site)
         if scores:
             curve.append({"round": entry["round"], "model": f"round {entry['round']}", "sites": scores,
-                          **_mean_worst(scores)})
+                          **mean_and_worst(scores)})
     out: Dict[str, Any] = {"key_metric": key_metric, "rounds": curve, "global": None, "best_global": None,
                            "matrix": None}
     if cross_site and cross_site.get("matrix"):
@@ -175,11 +175,11 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
         val_only |= set(cross_site.get("validation_only_sites") or [])
         for name in ("global", "best_global"):
             if matrix.get(name):
-                out[name] = _mean_worst(matrix[name])
+                out[name] = mean_and_worst(matrix[name])
         if matrix.get("global"):
             final_round = (curve[-1]["round"] + 1) if curve else 0
             curve.append({"round": final_round, "model": "final", "sites": dict(matrix["global"]),
-                          **_mean_worst(matrix["global"])})
+                          **mean_and_worst(matrix["global"])})
     if curve:
         tail = curve[-window:]
         out["last5"] = {"mean": sum(c["mean"] for c in tail) / len(tail),
@@ -191,6 +191,7 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
     return out
 
 
-def _mean_worst(scores: Mapping[str, float]) -> Dict[str, float]:
+def mean_and_worst(scores: Mapping[str, float]) -> Dict[str, float]:
+    """Mean and minimum of per-site scores."""
     values = [float(v) for v in scores.values()]
     return {"mean": sum(values) / len(values), "worst": min(values)}
