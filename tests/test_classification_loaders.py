@@ -27,8 +27,9 @@ def test_image_list_csv_and_json_with_png_jpeg_nifti(tmp_path):
     _png(tmp_path / "b.jpg", 2, rgb=True)
     nib.save(nib.Nifti1Image(np.random.RandomState(3).rand(20, 24, 1).astype(np.float32), np.eye(4)),
              str(tmp_path / "c.nii.gz"))
+    _png(tmp_path / "d.png", 4)
     (tmp_path / "train.csv").write_text("image,label\na.png,0\nb.jpg,1\nc.nii.gz,2\n")
-    (tmp_path / "val.json").write_text(json.dumps([{"image": "a.png", "label": 3}]))
+    (tmp_path / "val.json").write_text(json.dumps([{"image": "d.png", "label": 3}]))  # a case in one split only
     train, val = load_source({"format": "image_list", "train": "train.csv", "val": "val.json"}, str(tmp_path), 4, 1,
                              SIZE)
     assert train.images.shape == (3, 1, 32, 32) and train.labels.tolist() == [0, 1, 2]

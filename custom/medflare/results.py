@@ -14,6 +14,8 @@ Model selection (``best_global``) uses validation Dice; every reported figure co
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -38,19 +40,28 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Write ``rows`` (columns: every key, in order of appearance) as CSV, atomically.
+
+    Cells are quoted where needed (commas, quotes, line breaks in a site or modality name), and text that a
+    spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``) is prefixed with ``'``."""
     columns: List[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    lines = [",".join(columns)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([_fmt(c) for c in columns])
     for row in rows:
-        lines.append(",".join(_fmt(row.get(c, "")) for c in columns))
-    _atomic_write(path, "\n".join(lines) + "\n")
+        writer.writerow([_fmt(row.get(c, "")) for c in columns])
+    _atomic_write(path, out.getvalue())
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
 
 
 class RunSummary:

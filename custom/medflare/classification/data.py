@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
+from ..data.checks import check_keys, check_splits, config_value
 from ..data.datalist import DataError
 from ..data.site_config import read_site_config_file, site_entry, synthetic_site_index
 from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
@@ -31,7 +32,8 @@ class ClsSiteData:
     """A site's training/validation/test data, optional global test sets, and where they came from.
 
     ``test`` (reporting only) is ``None`` for a real-data site without a ``"test"`` source; its reports then fall
-    back to validation, flagged."""
+    back to validation, flagged. ``warnings`` lists what the site is told but that does not stop it (e.g. a case
+    listed twice in one split)."""
 
     site: str
     source: str
@@ -41,6 +43,7 @@ class ClsSiteData:
     num_classes: int
     global_test: Dict[str, ArrayDataset] = field(default_factory=dict)
     test: Optional[ArrayDataset] = None
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def class_counts(self):
@@ -52,8 +55,6 @@ def _read_config(site: str, local_dir: Optional[str]) -> Optional[tuple]:
     if found is None:
         return None
     raw, path = found
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a JSON object")
     return site_entry(raw, site, path), path
 
 
@@ -83,35 +84,48 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
         index = synthetic_site_index(site, synthetic.n_sites)
         return _synthetic(synthetic, index, site, "built-in synthetic benchmark", with_global_test, cache_dir)
     entry, path = found
-    if not isinstance(entry, dict):
-        raise DataError(f"{path}: settings of site '{site}' must be a JSON object")
+    where = f"{path}: site '{site}'"
     if "synthetic" in entry:
-        quality = (entry["synthetic"] or {}).get("quality")
-        if quality not in synthetic.qualities:
+        check_keys(entry, {"synthetic"}, path, f"site '{site}'")
+        settings = config_value(entry, "synthetic", "object", where, default={})
+        check_keys(settings, {"quality"}, path, f"the 'synthetic' settings of site '{site}'")
+        quality = settings.get("quality")
+        if not isinstance(quality, str) or quality not in synthetic.qualities:
             raise DataError(f"{path}: site '{site}' asks for synthetic quality {quality!r}; "
                             f"this job's benchmark has {list(synthetic.qualities)}")
         return _synthetic(synthetic, list(synthetic.qualities).index(quality), site, path, with_global_test,
                           cache_dir)
-    from .loaders import load_source  # real data only
+    from .loaders import items_dataset, source_lists, source_window  # real data only
 
     base = os.path.dirname(os.path.abspath(path))
     try:
-        train, val = load_source(entry, base, num_classes, in_channels, spatial_size)
-        if val is None:
+        lists, warnings = source_lists(entry, base, num_classes, "settings")
+        if not lists.get("val"):
             raise DataError("no validation split: give 'val' (image_list) or a 'val_fraction' > 0")
-        test = {}
-        if with_global_test and entry.get("global_test"):
-            for name, spec in entry["global_test"].items():
-                test[name] = load_source({**spec, "val_fraction": 0.0}, base, num_classes, in_channels,
-                                         spatial_size)[0]
-        site_test = None
-        if entry.get("test"):
-            site_test = load_source({**entry["test"], "val_fraction": 0.0}, base, num_classes, in_channels,
-                                    spatial_size)[0]
+        sources = {"test": entry["test"]} if entry.get("test") else {}
+        if with_global_test:
+            global_tests = config_value(entry, "global_test", "object", "settings", default={})
+            sources.update({("global", name): spec for name, spec in global_tests.items()})
+        held_out = {}
+        for key, spec in sources.items():
+            label = "'test' source" if key == "test" else f"global_test source '{key[1]}'"
+            if not isinstance(spec, dict):
+                raise DataError(f"{label}: must be a JSON object (a data source)")
+            held_out[key] = (source_lists({**spec, "val_fraction": 0.0}, base, num_classes, label)[0]["train"],
+                             source_window(spec))
+        if "test" in held_out:  # the site's own test split must not share a case with its train/val splits
+            splits = {k: [p for p, _ in v] for k, v in lists.items()}
+            warnings = check_splits({**splits, "test": [p for p, _ in held_out["test"][0]]}, "settings")
+        window = source_window(entry)
+        train = items_dataset(lists["train"], in_channels, spatial_size, window)
+        val = items_dataset(lists["val"], in_channels, spatial_size, window)
+        built = {key: items_dataset(items, in_channels, spatial_size, win) for key, (items, win) in held_out.items()}
     except DataError as e:
         raise DataError(f"site '{site}' ({path}): {e}") from None
     return ClsSiteData(site=site, source=path, quality=str(entry.get("quality", "")), train=train, val=val,
-                       num_classes=num_classes, global_test=test, test=site_test)
+                       num_classes=num_classes, test=built.get("test"),
+                       global_test={k[1]: v for k, v in built.items() if k != "test"},
+                       warnings=[f"site '{site}': {w}" for w in warnings])
 
 
 def synthetic_config(settings: Optional[Dict[str, Any]]) -> SyntheticClsConfig:

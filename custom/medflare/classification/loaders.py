@@ -17,7 +17,14 @@ against the config file's folder:
     with ``ID = <image>_<subtype>``; the label is the one subtype in ``classes`` marked 1, slices with none or several
     are skipped). Pixels are converted to HU with ``RescaleSlope``/``RescaleIntercept`` and clipped to the window.
 
-Every problem raises :class:`~medflare.data.DataError` naming the file.
+Checks (the same as the segmentation path's, :mod:`medflare.data.checks`): unknown keys and values of the wrong
+type are errors naming the key; every listed image must lie inside the source's data root (``data_root`` from the
+site's settings, else the list's folder, ``image_dir`` or ``dicom_dir``) unless the site sets
+``"allow_outside_data_root": true``; images must be 2D (a 3D or 4D volume is refused, never averaged into one image)
+with finite values; labels must be integers (``"2.9"`` is refused, never truncated); a case in two splits is refused
+and duplicates within a split are reported.
+
+Every problem raises :class:`~medflare.data.DataError` naming the file or key.
 """
 
 from __future__ import annotations
@@ -30,10 +37,47 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..data.checks import DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label
 from ..data.datalist import DataError
 from .training import ArrayDataset
 
 ICH_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+
+# keys of a real-data source: every format's, then each format's own (value kinds: medflare.data.checks.KINDS)
+COMMON_KEYS = {"format": "str", "val_fraction": "fraction", "split_seed": "int", "classes": "str_list",
+               "data_root": "str", "allow_outside_data_root": "bool"}
+FORMAT_KEYS = {
+    "image_list": {"train": "str", "val": "str", "list": "str"},
+    "isic": {"csv": "str", "image_dir": "str", "extension": "str"},
+    "rsna": {"csv": "str", "dicom_dir": "str", "window": "pair"},
+}
+REQUIRED_KEYS = {"image_list": (("train", "list"),), "isic": (("csv",),), "rsna": (("csv",),)}
+# keys a site's settings may hold besides its source (see medflare.classification.data)
+SITE_KEYS = {"quality": "str", "global_test": "object", "test": "object"}
+assert set(DATA_ROOT_KEYS) <= set(COMMON_KEYS)
+
+
+def check_source(entry: Dict[str, Any], where: str, extra: Optional[Dict[str, str]] = None) -> str:
+    """Check a source's keys and value types; returns its format.
+
+    Args:
+        entry: the source's settings.
+        where: the config file and site, for messages.
+        extra: further keys allowed here, with their kinds (a site's own settings: :data:`SITE_KEYS`).
+    """
+    fmt = config_value(entry, "format", "str", where, optional=False)
+    if fmt not in FORMATS:
+        raise DataError(f"{where}: unknown data format {fmt!r}; known: {sorted(FORMATS)}")
+    kinds = {**COMMON_KEYS, **FORMAT_KEYS[fmt], **(extra or {})}
+    check_keys(entry, kinds, where, f"format '{fmt}'")
+    for key, kind in kinds.items():
+        config_value(entry, key, kind, where)
+    for choices in REQUIRED_KEYS[fmt]:
+        if not any(entry.get(k) is not None for k in choices):
+            raise DataError(f"{where}: format '{fmt}' needs " + " or ".join(f"'{k}'" for k in choices))
+    if fmt == "rsna" and entry.get("window") is not None and not float(entry["window"][1]) > 0:
+        raise DataError(f"{where}: 'window' must be [center, width] with width > 0, got {entry['window']!r}")
+    return fmt
 
 
 def _path(base: str, p: str) -> str:
@@ -72,8 +116,14 @@ def _zscore(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _channels(image: np.ndarray, in_channels: int, path: str) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, C)`` -> ``(in_channels, H, W)``."""
+def _channels(image: np.ndarray, in_channels: int, path: str, color: bool) -> np.ndarray:
+    """``(H, W)``, or ``(H, W, C)`` for a colour image (``color``), -> ``(in_channels, H, W)``.
+
+    Anything else (a 3D or 4D volume) is refused: averaging its slices into one image would train on an image
+    that does not exist."""
+    if image.ndim == 3 and not color:
+        raise DataError(f"{path}: expected a 2D image, got a volume of shape {image.shape} (3D/4D volumes are not "
+                        "averaged into one image: give one slice per entry)")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
@@ -92,10 +142,15 @@ def _channels(image: np.ndarray, in_channels: int, path: str) -> np.ndarray:
 
 def read_image(path: str, in_channels: int, spatial_size: Sequence[int],
                window: Optional[Sequence[float]] = None) -> np.ndarray:
-    """One image as ``(in_channels, *spatial_size)`` float32, z-scored per image (after the CT window if given)."""
+    """One image as ``(in_channels, *spatial_size)`` float32, z-scored per image (after the CT window if given).
+
+    Raises:
+        DataError: naming the file: missing or unreadable, not 2D, or holding NaN or infinite values.
+    """
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
     lower = path.lower()
+    color = False
     try:
         if lower.endswith((".nii", ".nii.gz")):
             import nibabel as nib
@@ -108,33 +163,27 @@ def read_image(path: str, in_channels: int, spatial_size: Sequence[int],
             ds = pydicom.dcmread(path)
             arr = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1.0)) + float(
                 getattr(ds, "RescaleIntercept", 0.0))
+            color = str(getattr(ds, "PhotometricInterpretation", "")).startswith(("RGB", "YBR"))
         else:
             from PIL import Image
 
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I", "I;16", "F") else im,
-                                 dtype=np.float32)
+                color = im.mode not in ("L", "I", "I;16", "F")
+                arr = np.asarray(im.convert("RGB") if color else im, dtype=np.float32)
     except DataError:
         raise
     except Exception as e:  # corrupt or unsupported file
         raise DataError(f"cannot read image {path}: {e}") from e
+    if not np.all(np.isfinite(arr)):
+        raise DataError(f"{path}: image contains NaN or infinite values")
     if window is not None:
         center, width = float(window[0]), float(window[1])
         arr = (np.clip(arr, center - width / 2, center + width / 2) - (center - width / 2)) / width
-    return _zscore(_resize(_channels(arr, in_channels, path), spatial_size))
+    return _zscore(_resize(_channels(arr, in_channels, path, color), spatial_size))
 
 
 def _label(value: Any, num_classes: int, classes: Optional[Sequence[str]], where: str) -> int:
-    if classes is not None and str(value) in classes:
-        return list(classes).index(str(value))
-    try:
-        label = int(float(value))
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: label {value!r} is not an integer" +
-                        (f" nor one of {list(classes)}" if classes else "")) from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} outside 0..{num_classes - 1}")
-    return label
+    return integer_label(value, num_classes, where, classes)
 
 
 def _split(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -143,23 +192,47 @@ def _split(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarr
     return order[n_val:], order[:n_val]
 
 
-def _dataset(items: List[Tuple[str, int]], in_channels: int, spatial_size, window=None) -> ArrayDataset:
+def items_dataset(items: List[Tuple[str, int]], in_channels: int, spatial_size: Sequence[int],
+                  window: Optional[Sequence[float]] = None) -> ArrayDataset:
+    """The images and labels of ``(path, label)`` items, read with :func:`read_image`."""
     if not items:
         raise DataError("no images listed")
     images = np.stack([read_image(p, in_channels, spatial_size, window) for p, _ in items])
     return ArrayDataset(images, np.array([lab for _, lab in items], dtype=np.int64))
 
 
+def _listed(entry: Dict[str, Any], base: str, path: str, default_root: str, where: str) -> str:
+    """``path`` checked to lie in the source's data root (``data_root``, else ``default_root``)."""
+    root = entry.get("data_root")
+    root = _path(base, os.path.expanduser(root)) if root else default_root
+    check_inside_root(path, root, where, bool(entry.get("allow_outside_data_root", False)))
+    return path
+
+
+def _cell(row: Any, key: str, where: str) -> str:
+    """A non-empty text cell of a list row."""
+    value = row.get(key) if isinstance(row, dict) else None
+    if value is None or str(value).strip() == "":
+        raise DataError(f"{where}: needs '{key}', got {row!r}")
+    return str(value)
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {value!r} is not a number") from None
+
+
 def _image_list(entry: Dict[str, Any], base: str, num_classes: int) -> Dict[str, List[Tuple[str, int]]]:
     def items(key: str) -> List[Tuple[str, int]]:
         path = _path(base, entry[key])
-        rows = _read_table(path)
+        folder = os.path.dirname(path)
         out = []
-        for i, row in enumerate(rows):
-            if "image" not in row or "label" not in row:
-                raise DataError(f"{path}: entry {i} needs 'image' and 'label'")
-            out.append((_path(os.path.dirname(path), str(row["image"])),
-                        _label(row["label"], num_classes, entry.get("classes"), f"{path} entry {i}")))
+        for i, row in enumerate(_read_table(path)):
+            where = f"{path} entry {i}"
+            image = _listed(entry, base, _path(folder, _cell(row, "image", where)), folder, where)
+            out.append((image, _label(_cell(row, "label", where), num_classes, entry.get("classes"), where)))
         return out
 
     if "train" in entry:
@@ -181,11 +254,13 @@ def _isic(entry: Dict[str, Any], base: str, num_classes: int) -> Dict[str, List[
     image_dir = _path(base, entry.get("image_dir", "."))
     out = []
     for i, row in enumerate(rows):
-        hot = [float(row[c] or 0) for c in classes]
+        where = f"{path} row {i + 2}"
+        image = _cell(row, "image", where)
+        hot = [_number(row[c], f"{where} ({image}), column {c}") for c in classes]
         if sorted(hot)[-1] != 1.0 or sum(hot) != 1.0:
-            raise DataError(f"{path} row {i + 2} ({row['image']}): not one-hot over {classes}")
-        name = row["image"] if os.path.splitext(row["image"])[1] else row["image"] + entry.get("extension", ".jpg")
-        out.append((os.path.join(image_dir, name), int(np.argmax(hot))))
+            raise DataError(f"{where} ({image}): not one-hot over {classes}")
+        name = image if os.path.splitext(image)[1] else image + entry.get("extension", ".jpg")
+        out.append((_listed(entry, base, os.path.join(image_dir, name), image_dir, where), int(np.argmax(hot))))
     return {"all": out}
 
 
@@ -197,23 +272,29 @@ def _rsna(entry: Dict[str, Any], base: str, num_classes: int) -> Dict[str, List[
     dicom_dir = _path(base, entry.get("dicom_dir", "."))
     classes = entry.get("classes") or (list(ICH_SUBTYPES) if num_classes == len(ICH_SUBTYPES) else None)
 
-    def file_of(image: str) -> str:
-        return os.path.join(dicom_dir, image if image.lower().endswith(".dcm") else image + ".dcm")
+    def file_of(image: str, where: str) -> str:
+        name = image if image.lower().endswith(".dcm") else image + ".dcm"
+        return _listed(entry, base, os.path.join(dicom_dir, name), dicom_dir, where)
 
     if "image" in rows[0] and "label" in rows[0]:
-        return {"all": [(file_of(r["image"]), _label(r["label"], num_classes, classes, f"{path} row {i + 2}"))
-                        for i, r in enumerate(rows)]}
+        out = []
+        for i, r in enumerate(rows):
+            where = f"{path} row {i + 2}"
+            out.append((file_of(_cell(r, "image", where), where),
+                        _label(_cell(r, "label", where), num_classes, classes, where)))
+        return {"all": out}
     if "ID" not in rows[0] or "Label" not in rows[0]:
         raise DataError(f"{path}: expected columns image,label or RSNA's ID,Label")
     if not classes:
         raise DataError(f"{path}: the long RSNA form needs 'classes' (subtype names)")
     positives: Dict[str, List[int]] = {}
-    for r in rows:
-        image, _, subtype = r["ID"].rpartition("_")
+    for i, r in enumerate(rows):
+        where = f"{path} row {i + 2}"
+        image, _, subtype = _cell(r, "ID", where).rpartition("_")
         positives.setdefault(image, [])
-        if subtype in classes and float(r["Label"]) == 1.0:
+        if subtype in classes and _number(r.get("Label"), where) == 1.0:
             positives[image].append(classes.index(subtype))
-    out = [(file_of(img), labs[0]) for img, labs in sorted(positives.items()) if len(labs) == 1]
+    out = [(file_of(img, path), labs[0]) for img, labs in sorted(positives.items()) if len(labs) == 1]
     if not out:
         raise DataError(f"{path}: no slice has exactly one positive subtype among {classes}")
     return {"all": out}
@@ -222,21 +303,34 @@ def _rsna(entry: Dict[str, Any], base: str, num_classes: int) -> Dict[str, List[
 FORMATS = {"image_list": _image_list, "isic": _isic, "rsna": _rsna}
 
 
-def load_source(entry: Dict[str, Any], base: str, num_classes: int, in_channels: int,
-                spatial_size: Sequence[int]) -> Tuple[ArrayDataset, Optional[ArrayDataset]]:
-    """Train and validation datasets of a real-data source (validation may be a ``val_fraction`` split)."""
-    fmt = entry.get("format")
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; known: {sorted(FORMATS)}")
-    window = entry.get("window") if fmt == "rsna" else None
-    if fmt == "rsna" and window is None:
-        window = (40.0, 80.0)  # brain window
+def source_lists(entry: Dict[str, Any], base: str, num_classes: int,
+                 where: str = "data source") -> Tuple[Dict[str, List[Tuple[str, int]]], List[str]]:
+    """The ``{"train": [(path, label)...], "val": [...]}`` lists of a real-data source (validation may be a
+    ``val_fraction`` split of one list), checked (keys, types, data root, labels, no case in both), and the
+    warnings about duplicates. No image is read."""
+    fmt = check_source(entry, where, SITE_KEYS)
     lists = FORMATS[fmt](entry, base, num_classes)
     if "all" in lists:
         items = lists["all"]
         frac = float(entry.get("val_fraction", 0.2))
         train_idx, val_idx = _split(len(items), frac, int(entry.get("split_seed", 0)))
         lists = {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
-    train = _dataset(lists["train"], in_channels, spatial_size, window)
-    val = _dataset(lists["val"], in_channels, spatial_size, window) if lists.get("val") else None
+    warnings = check_splits({k: [p for p, _ in v] for k, v in lists.items()}, where)
+    return lists, warnings
+
+
+def source_window(entry: Dict[str, Any]) -> Optional[Sequence[float]]:
+    """The CT window a source's images are read with (RSNA: ``window``, default the brain window 40/80)."""
+    if entry.get("format") != "rsna":
+        return None
+    return entry.get("window") or (40.0, 80.0)
+
+
+def load_source(entry: Dict[str, Any], base: str, num_classes: int, in_channels: int,
+                spatial_size: Sequence[int]) -> Tuple[ArrayDataset, Optional[ArrayDataset]]:
+    """Train and validation datasets of a real-data source (validation may be a ``val_fraction`` split)."""
+    lists, _ = source_lists(entry, base, num_classes)
+    window = source_window(entry)
+    train = items_dataset(lists["train"], in_channels, spatial_size, window)
+    val = items_dataset(lists["val"], in_channels, spatial_size, window) if lists.get("val") else None
     return train, val

@@ -29,9 +29,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-
-class DataError(ValueError):
-    """Raised for bad site data; the message names the site, file or key at fault."""
+from .checks import DataError, check_dicom_folder, check_inside_root  # noqa: F401 (DataError is re-exported)
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,21 @@ def build_transforms(spec: ImageSpec) -> Compose:
     return Compose(steps)
 
 
-def read_datalist(path: str, key: str, base_dir: Optional[str] = None) -> List[Dict[str, str]]:
+def read_datalist(path: str, key: str, base_dir: Optional[str] = None, data_root: Optional[str] = None,
+                  allow_outside_root: bool = False) -> List[Dict[str, str]]:
     """Entries of ``key`` in a Decathlon-style datalist with absolute paths, checked to exist.
+
+    Args:
+        path: the datalist.
+        key: the list to read (``"training"``, ``"validation"``, ``"test"``...).
+        base_dir: folder relative entries resolve against (default: the datalist's folder).
+        data_root: folder every listed file must lie in (default: ``base_dir``).
+        allow_outside_root: the site's explicit permission to list files anywhere.
 
     Raises:
         DataError: the datalist is missing or unreadable, the key is absent or empty, an entry lacks
-            ``image``/``label``, or a listed file does not exist.
+            ``image``/``label`` (as strings), a listed file does not exist or lies outside the data root, or a
+            listed DICOM folder holds more than one series.
     """
     if not os.path.isfile(path):
         raise DataError(f"datalist not found: {path}")
@@ -141,19 +148,26 @@ def read_datalist(path: str, key: str, base_dir: Optional[str] = None) -> List[D
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"datalist {path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise DataError(f"datalist {path}: expected a JSON object of lists")
     if key not in raw:
         raise DataError(f"datalist {path} has no '{key}' list (keys: {sorted(raw)})")
     if not raw[key]:
         raise DataError(f"datalist {path}: the '{key}' list is empty")
+    if not isinstance(raw[key], list):
+        raise DataError(f"datalist {path}: '{key}' must be a list of {{'image', 'label'}} entries")
     for i, entry in enumerate(raw[key]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DataError(f"datalist {path}: '{key}' entry {i} needs 'image' and 'label' keys, got {entry!r}")
-    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key,
-                                    base_dir=base_dir or os.path.dirname(os.path.abspath(path)))
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
+            raise DataError(f"datalist {path}: '{key}' entry {i} needs 'image' and 'label' paths, got {entry!r}")
+    base_dir = base_dir or os.path.dirname(os.path.abspath(path))
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)
     for item in items:
         for k in ("image", "label"):
+            check_inside_root(item[k], data_root or base_dir, f"{k} file listed in {path}", allow_outside_root)
             if not os.path.exists(item[k]):
                 raise DataError(f"{k} file listed in {path} not found: {item[k]}")
+            if os.path.isdir(item[k]):
+                check_dicom_folder(item[k])
     return items
 
 

@@ -18,7 +18,11 @@ datalist::
 works, and its reports say they fall back to validation data.
 
 ``cache``: ``true`` keeps the loaded data in memory, ``false`` reads it lazily, ``"auto"`` (default) caches when it
-fits ``$MEDFLARE_CACHE_LIMIT_GB`` (default 4).
+fits ``$MEDFLARE_CACHE_LIMIT_GB`` (default 4). Any other value (e.g. ``"no"``) is an error.
+
+Every image and label a datalist lists must lie inside the site's data root: ``data_root`` if given, else
+``base_dir``, else the datalist's folder. ``"allow_outside_data_root": true`` lifts the restriction (the site admin's
+explicit choice). Unknown keys and values of the wrong type are errors naming the site and the key.
 
 or a synthetic modality, for a custom site name::
 
@@ -33,11 +37,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from .checks import DATA_ROOT_KEYS, check_keys, config_value, data_root
 from .datalist import DataError
 
 SITE_CONFIG_FILE = "medflare_site.json"
 SITE_CONFIG_ENV = "MEDFLARE_SITE_CONFIG"
-_DATALIST_KEYS = {"datalist", "base_dir", "modality", "train_key", "val_key", "test_key", "cache"}
+_DATALIST_KEYS = {"datalist", "base_dir", "modality", "train_key", "val_key", "test_key", "cache", *DATA_ROOT_KEYS}
 _SYNTHETIC_KEYS = {"synthetic", "modality"}
 
 
@@ -60,54 +65,60 @@ class SiteDataConfig:
     modality: Optional[str] = None
     synthetic_modality: Optional[str] = None
     synthetic_index: Optional[int] = None
+    data_root: Optional[str] = None
+    allow_outside_data_root: bool = False
 
 
-def site_entry(raw: Dict[str, Any], site: str, source: str) -> Dict[str, Any]:
+def site_entry(raw: Any, site: str, source: str) -> Dict[str, Any]:
+    """The settings of ``site`` in a config file (single-site or ``{"sites": {...}}`` form), checked to be an
+    object."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: expected a JSON object")
+    entry = raw
     if "sites" in raw:
         extra = set(raw) - {"sites"}
         if extra:
             raise DataError(f"{source}: unknown top-level keys {sorted(extra)} next to 'sites'")
-        sites = raw["sites"]
+        sites = config_value(raw, "sites", "object", source, optional=False)
         if site not in sites:
             raise DataError(f"unknown site '{site}': {source} lists only {sorted(sites)}")
-        return sites[site]
-    return raw
+        entry = sites[site]
+    if not isinstance(entry, dict):
+        raise DataError(f"{source}: settings of site '{site}' must be a JSON object")
+    return entry
 
 
 def parse_site_config(raw: Dict[str, Any], site: str, source: str,
                       synthetic_modalities: tuple = ()) -> SiteDataConfig:
     """Validate one config (single-site or ``{"sites": ...}`` form) and return the entry of ``site``."""
-    if not isinstance(raw, dict):
-        raise DataError(f"{source}: expected a JSON object")
     entry = site_entry(raw, site, source)
-    if not isinstance(entry, dict):
-        raise DataError(f"{source}: settings of site '{site}' must be a JSON object")
+    where = f"{source}: site '{site}'"
     if "synthetic" in entry:
-        unknown = set(entry) - _SYNTHETIC_KEYS
-        if unknown:
-            raise DataError(f"{source}: unknown keys {sorted(unknown)} for site '{site}'")
-        syn = entry["synthetic"] or {}
+        check_keys(entry, _SYNTHETIC_KEYS, source, f"site '{site}'")
+        syn = config_value(entry, "synthetic", "object", where, default={})
+        check_keys(syn, {"modality"}, source, f"the 'synthetic' settings of site '{site}'")
         modality = syn.get("modality")
         if modality not in synthetic_modalities:
             raise DataError(f"{source}: site '{site}' asks for synthetic modality {modality!r}; "
                             f"this job's benchmark has {list(synthetic_modalities)}")
         return SiteDataConfig(site=site, source=source, modality=modality, synthetic_modality=modality,
                               synthetic_index=list(synthetic_modalities).index(modality))
-    unknown = set(entry) - _DATALIST_KEYS
-    if unknown:
-        raise DataError(f"{source}: unknown keys {sorted(unknown)} for site '{site}' "
-                        f"(allowed: {sorted(_DATALIST_KEYS | {'synthetic'})})")
+    check_keys(entry, _DATALIST_KEYS | {"synthetic"}, source, f"site '{site}'")
     if "datalist" not in entry:
         raise DataError(f"{source}: site '{site}' needs 'datalist' (or 'synthetic')")
     base = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
-    datalist = os.path.join(base, os.path.expanduser(entry["datalist"]))
-    base_dir = entry.get("base_dir")
+    datalist = os.path.join(base, os.path.expanduser(config_value(entry, "datalist", "str", where, optional=False)))
+    base_dir = config_value(entry, "base_dir", "str", where)
     if base_dir is not None:
         base_dir = os.path.join(base, os.path.expanduser(base_dir))
+    root, allow_outside = data_root(entry, base, where)
     return SiteDataConfig(site=site, source=source, datalist=datalist, base_dir=base_dir,
-                          train_key=entry.get("train_key", "training"), val_key=entry.get("val_key", "validation"),
-                          test_key=entry.get("test_key", "test"),
-                          cache=entry.get("cache", "auto"), modality=entry.get("modality"))
+                          train_key=config_value(entry, "train_key", "str", where, "training"),
+                          val_key=config_value(entry, "val_key", "str", where, "validation"),
+                          test_key=config_value(entry, "test_key", "str", where, "test"),
+                          cache=config_value(entry, "cache", "cache", where, "auto"),
+                          modality=config_value(entry, "modality", "str", where), data_root=root,
+                          allow_outside_data_root=allow_outside)
 
 
 def synthetic_site_index(site: str, n_sites: int) -> int:

@@ -134,6 +134,8 @@ class ClassificationExecutor(SiteExecutor):
                               f"{len(self.data.val)} validation images, quality '{self.data.quality}', class counts "
                               f"{self.data.class_counts}, global test sets {sorted(self.data.global_test)} "
                               f"(loaded in {time.time() - start:.1f}s)")
+        for note in self.data.warnings:
+            self.log_warning(fl_ctx, note)
         self.device = resolve_device(self.device_name)
         self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
         self.model = build_model(self.model_name, **self.model_args).to(self.device)

@@ -154,8 +154,8 @@ class SegmentationExecutor(SiteExecutor):
                               f"{len(self.data.val)} validation and {n_test} test images "
                               f"(modality {self.data.modality or 'n/a'}, datalist {self.data.datalist}) loaded in "
                               f"{time.time() - start:.1f}s")
-        if self.data.test_note:
-            self.log_warning(fl_ctx, self.data.test_note)
+        for note in ([self.data.test_note] if self.data.test_note else []) + self.data.warnings:
+            self.log_warning(fl_ctx, note)
         self.device = resolve_device(self.device_name)
         self.model = build_model(self.model_name, **self.model_args)
         self.trainer = self.create_trainer(self.model, self.device)
