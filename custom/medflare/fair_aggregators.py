@@ -20,16 +20,13 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from . import fairness as fr
-from .aggregation import weighted_average
-from .aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
-from .workflows import SITE_REPORT_KEY
+from .aggregators import WeightedAggregator
+from .reports import SITE_REPORT_KEY
 
 STATE_KEY = "medflare_aggregator_state"
 
@@ -44,7 +41,13 @@ def stored_state(global_model: Optional[Dict[str, Any]], rule: str) -> Tuple[Dic
 
 
 class FairAggregator(WeightedAggregator):
-    """Base class: subclasses implement :meth:`rule`; state persists through the global model's meta."""
+    """Base class: subclasses implement :meth:`rule`; state persists through the global model's meta.
+
+    Every statistic a rule reads has been checked when the site's result was accepted (type, finite, range:
+    :data:`medflare.reports.STATISTIC_BOUNDS`); a statistic a rule needs but a site did not send, and any failure of
+    the rule itself, stops the round with a message naming the sites (see
+    :meth:`~medflare.aggregators.WeightedAggregator.failure_message`).
+    """
 
     rule_name = "fedavg"
 
@@ -53,36 +56,20 @@ class FairAggregator(WeightedAggregator):
         """Return (per-site weights, new state, new global weights or None for the weighted average)."""
         raise NotImplementedError
 
-    def global_weights(self, fl_ctx: FLContext) -> Dict[str, np.ndarray]:
-        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
-        weights = model.get(ModelLearnableKey.WEIGHTS)
+    def reference_weights(self, fl_ctx: FLContext) -> Dict[str, np.ndarray]:
+        weights = self.global_weights(fl_ctx)
         if not weights:
             raise ValueError(f"{self.rule_name} needs the global model the sites received")
         return weights
 
-    def aggregate(self, fl_ctx: FLContext) -> Shareable:
-        if not self.updates:
-            self.system_panic("no valid site update to aggregate this round", fl_ctx)
-            return Shareable()
+    def aggregation_weights(self, fl_ctx: FLContext):
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         state, state_round = stored_state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL), self.rule_name)
         if state_round is not None and rnd is not None and state_round != rnd - 1:
             self.log_info(fl_ctx, f"round {rnd}: continuing from the {self.rule_name} state of round {state_round}")
         reports = {s: dict(m.get(SITE_REPORT_KEY) or {}) for s, m in self.metas.items()}
-        n_samples = {s: float(m.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)) for s, m in self.metas.items()}
-        try:
-            weights, new_state, data = self.rule(reports, n_samples, state, fl_ctx)
-        except ValueError as e:
-            self.system_panic(f"{self.rule_name} aggregation failed in round {rnd}: {e}", fl_ctx)
-            return Shareable()
-        self.log_info(fl_ctx, f"{self.rule_name} aggregation weights: "
-                      + ", ".join(f"{s}={w:.4f}" for s, w in sorted(weights.items())))
-        if data is None:
-            data = weighted_average(self.updates, weights)
-        out = DXO(DataKind.WEIGHTS, data=data)
-        out.set_meta_prop(AGGREGATION_WEIGHTS_KEY, {s: float(w) for s, w in weights.items()})
-        out.set_meta_prop(STATE_KEY, {"rule": self.rule_name, "round": rnd, "state": new_state})
-        return out.to_shareable()
+        weights, new_state, data = self.rule(reports, self.sample_counts(fl_ctx), state, fl_ctx)
+        return weights, data, {STATE_KEY: {"rule": self.rule_name, "round": rnd, "state": new_state}}
 
 
 def _stat(reports: Dict[str, Dict[str, Any]], key: str) -> Dict[str, float]:
@@ -144,13 +131,17 @@ class QFedAvgAggregator(FairAggregator):
         super().__init__(**kwargs)
         if mode not in ("update", "weights"):
             raise ValueError(f"mode must be 'update' or 'weights', got {mode!r}")
+        if mode == "update" and self.robust is not None and not self.robust.uses_weights:
+            raise ValueError("q-FedAvg's update mode computes the model itself: its robust rule can clip "
+                             f"(clip_norm) but not use method {self.robust.method!r}")
         self.q, self.lipschitz, self.mode = q, lipschitz, mode
 
     def rule(self, reports, n_samples, state, fl_ctx):
         losses = _stat(reports, fr.LOSS_GLOBAL)
         if self.mode == "weights":
             return fr.qffl_weights(losses, self.q), {}, None
-        new, coef = fr.qfedavg_update(self.global_weights(fl_ctx), self.updates, losses, self.q, self.lipschitz)
+        reference = self.reference_weights(fl_ctx)
+        new, coef = fr.qfedavg_update(reference, self.full_updates(reference), losses, self.q, self.lipschitz)
         return coef, {}, new
 
 
@@ -216,11 +207,11 @@ class FedCEAggregator(FairAggregator):
         self.mode = mode
 
     def rule(self, reports, n_samples, state, fl_ctx):
-        reference = self.global_weights(fl_ctx)
+        reference = self.reference_weights(fl_ctx)
         keys = [k for k in sorted(reference) if fr.is_trainable_key(k)
                 and np.issubdtype(np.asarray(reference[k]).dtype, np.floating)]
         diffs = {s: {k: np.asarray(u[k], np.float64) - np.asarray(reference[k], np.float64) for k in keys}
-                 for s, u in self.updates.items()}
+                 for s, u in self.full_updates(reference).items()}
         scores = {s: r.get(fr.FEDCE_MINUS_SCORE) for s, r in reports.items()}
         weights, new_state = fr.fedce_step(diffs, scores, state, keys, self.mode)
         return weights, new_state, None

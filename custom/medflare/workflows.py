@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional
 
 from nvflare.apis.controller_spec import Task
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_copy
 from nvflare.apis.signal import Signal
@@ -18,10 +19,9 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .aggregators import AGGREGATION_WEIGHTS_KEY
 from .relay import encoder_part, relay_assignments
+from .reports import SITE_REPORT_KEY, clean_metrics
 from .results import RunSummary
-
-SITE_REPORT_KEY = "medflare_report"
-PEER_SITE_KEY = "medflare_peer_site"
+from .site_view import PEER_SITE_KEY, site_view
 
 
 class MetricsScatterAndGather(ScatterAndGather):
@@ -65,9 +65,15 @@ class MetricsScatterAndGather(ScatterAndGather):
         if result.get_return_code(ReturnCode.OK) == ReturnCode.OK and not is_unknown_task:
             try:
                 dxo = from_shareable(result)
-                metrics = dict(dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {})
-                metrics.update(dxo.get_meta_prop(SITE_REPORT_KEY) or {})
-                self._site_metrics[client_name] = metrics
+                # out-of-range or non-finite metrics are dropped before model selection or the summary see them
+                initial, notes = clean_metrics(client_name, dxo.get_meta_prop(MetaKey.INITIAL_METRICS))
+                report, more = clean_metrics(client_name, dxo.get_meta_prop(SITE_REPORT_KEY))
+                for note in notes + more:
+                    self.log_warning(fl_ctx, note)
+                if notes:
+                    dxo.set_meta_prop(MetaKey.INITIAL_METRICS, initial)
+                    dxo.update_shareable(result)
+                self._site_metrics[client_name] = {**initial, **report}
             except Exception as e:  # a malformed result is rejected (with its reason) by the aggregator
                 self.log_warning(fl_ctx, f"no metrics in the result of site '{client_name}': {e}")
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
@@ -78,6 +84,20 @@ class MetricsScatterAndGather(ScatterAndGather):
             self._report_round(fl_ctx)
         elif event_type == AppEventType.ROUND_STARTED:
             self._site_metrics = {}
+        elif event_type == EventType.BEFORE_TASK_DATA_FILTER:
+            self._restrict_task_meta(fl_ctx)
+
+    def _restrict_task_meta(self, fl_ctx: FLContext) -> None:
+        """Each site receives only its own entries of the global model's meta (see :mod:`medflare.site_view`).
+        FLARE gives every site its own copy of a task right before this event, so replacing the copy's content
+        changes nothing for the other sites."""
+        if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name:
+            return
+        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer is not None else None
+        if isinstance(task_data, Shareable) and site:
+            site_view(task_data, site)
 
     def _report_round(self, fl_ctx: FLContext) -> None:
         if self._summary is None or not self._site_metrics:
@@ -138,7 +158,10 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
                              is_unknown_task: bool = False) -> bool:
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
         if accepted and not is_unknown_task:
-            self._incoming[client_name] = encoder_part(from_shareable(result).data, self._encoder_keys)
+            # the site's full model as the aggregator accepted it (weight differences and partial updates resolved)
+            accepted_weights = getattr(self.aggregator, "accepted_weights", None)
+            weights = accepted_weights(client_name, fl_ctx) if accepted_weights else None
+            self._incoming[client_name] = encoder_part(weights or from_shareable(result).data, self._encoder_keys)
         return accepted
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:

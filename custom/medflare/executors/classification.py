@@ -2,7 +2,7 @@
 
 Per ``train`` task of round t the site:
 
-1. loads the received global model ``w^t`` (and reads its meta: last round's aggregation weights),
+1. loads the received global model ``w^t`` (and reads its meta: its own aggregation weight of the last round),
 2. measures on its *training* set what the server rules need (see :data:`REPORTED_SCALARS`): the loss and
    balanced accuracy of ``w^t`` (q-FedAvg, AFL, FairFed), the sharpness ``S_i = L_i(w^t + eps) - L_i(w^t)`` with
    ``eps = rho_t g / ||g||`` (FedISM), the loss of its own previous local model (FedGA) and the balanced accuracy of
@@ -35,11 +35,11 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from .. import fairness as fr
-from ..aggregators import AGGREGATION_WEIGHTS_KEY
 from ..classification.data import ClsSiteData, load_cls_site_data, synthetic_config
 from ..classification.training import ClassificationTrainer, evaluate_classifier
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
+from ..site_view import SITE_WEIGHT_KEY
 from .base import SiteExecutor, configure_torch
 from .base import load_weights, resolve_device, save_state_atomic, weights_to_numpy
 
@@ -194,7 +194,7 @@ class ClassificationExecutor(SiteExecutor):
                 load_weights(self.scratch, previous, "previous local model")
                 report[fr.LOSS_PREV_LOCAL] = self.evaluate(train, self.scratch)["loss"]
                 report[fr.PREV_LOCAL_ROUND] = self.local_round
-            coef = (meta.get(AGGREGATION_WEIGHTS_KEY) or {}).get(self.site)
+            coef = meta.get(SITE_WEIGHT_KEY)  # this site's weight in the last aggregation (the server sends no other)
             if "minus_model" in self.reports and coef is not None and 0.0 < float(coef) < 1.0:
                 load_weights(self.scratch, fr.minus_model(global_weights, previous, float(coef)), "minus model")
                 report[fr.FEDCE_MINUS_SCORE] = self.evaluate(train, self.scratch)["bacc"]
