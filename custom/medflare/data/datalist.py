@@ -80,10 +80,7 @@ class CheckPaird(MapTransform):
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         image, label = data["image"], data["label"]
         img_file, lab_file = _source(image), _source(label)
-        if image.ndim != self.spec.spatial_dims + 1:
-            raise DataError(f"{img_file}: image has {image.ndim - 1} spatial dimensions, expected {self.spec.spatial_dims}")
-        if image.shape[0] != self.spec.in_channels:
-            raise DataError(f"{img_file}: image has {image.shape[0]} channels, the model expects {self.spec.in_channels}")
+        check_image_shape(image, self.spec)
         if label.shape[0] != 1:
             raise DataError(f"{lab_file}: label must have one channel, got {label.shape[0]}")
         if tuple(image.shape[1:]) != tuple(label.shape[1:]):
@@ -95,8 +92,39 @@ class CheckPaird(MapTransform):
             bad = [int(v) if v == int(v) else v for v in bad]
             raise DataError(f"{lab_file}: label values {bad[:5]} outside the declared classes "
                             f"0..{self.spec.num_classes - 1}")
-        if not torch.isfinite(torch.as_tensor(image)).all():
-            raise DataError(f"{img_file}: image contains NaN or infinite values")
+        check_image_values(image)
+        return data
+
+
+def check_image_shape(image: Any, spec: ImageSpec) -> None:
+    """Raise :class:`DataError` naming the file when a channel-first image does not have the spatial dimensions
+    and channels of ``spec``."""
+    if image.ndim != spec.spatial_dims + 1:
+        raise DataError(f"{_source(image)}: image has {image.ndim - 1} spatial dimensions, expected {spec.spatial_dims}")
+    if image.shape[0] != spec.in_channels:
+        raise DataError(f"{_source(image)}: image has {image.shape[0]} channels, the model expects {spec.in_channels}")
+
+
+def check_image_values(image: Any) -> None:
+    """Raise :class:`DataError` naming the file when an image holds NaN or infinite values."""
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        raise DataError(f"{_source(image)}: image contains NaN or infinite values")
+
+
+class CheckImaged(MapTransform):
+    """Check an image alone after loading (inference): spatial dimensions, channels and finite values.
+
+    Raises :class:`DataError` naming the file.
+    """
+
+    def __init__(self, spec: ImageSpec, keys: Sequence[str] = ("image",)) -> None:
+        super().__init__(keys)
+        self.spec = spec
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        for key in self.key_iterator(data):
+            check_image_shape(data[key], self.spec)
+            check_image_values(data[key])
         return data
 
 
@@ -111,17 +139,37 @@ def build_transforms(spec: ImageSpec) -> Compose:
         LoadImaged(keys=("image", "label"), image_only=True),
         EnsureChannelFirstd(keys=("image", "label")),
         CheckPaird(spec),
+        intensity_transform(spec),
     ]
-    if spec.intensity == "minmax":
-        steps.append(ScaleIntensityd(keys="image", channel_wise=True))
-    elif spec.intensity == "zscore":
-        steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
-    else:
-        low, high = spec.window
-        steps.append(ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
     if spec.spatial_size is not None:
         steps.append(Resized(keys=("image", "label"), spatial_size=spec.spatial_size, mode=("area", "nearest")))
     steps.append(EnsureTyped(keys=("image", "label"), dtype=(torch.float32, torch.long), track_meta=False))
+    return Compose(steps)
+
+
+def intensity_transform(spec: ImageSpec, keys: Sequence[str] = ("image",)) -> MapTransform:
+    """The intensity scaling of ``spec`` (``minmax``, ``zscore`` or ``window``; see :class:`ImageSpec`)."""
+    if spec.intensity == "minmax":
+        return ScaleIntensityd(keys=keys, channel_wise=True)
+    if spec.intensity == "zscore":
+        return NormalizeIntensityd(keys=keys, channel_wise=True)
+    low, high = spec.window
+    return ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+
+
+def image_transforms(spec: ImageSpec) -> Compose:
+    """The loading transforms of :func:`build_transforms` for an image without a label (inference): read,
+    channel-first, check, normalise intensity, resize (area). Metadata is kept, so that MONAI's ``Invertd`` can
+    take a prediction back to the image's own grid."""
+    steps: List[Callable] = [
+        LoadImaged(keys="image", image_only=True),
+        EnsureChannelFirstd(keys="image"),
+        CheckImaged(spec),
+        intensity_transform(spec),
+    ]
+    if spec.spatial_size is not None:
+        steps.append(Resized(keys="image", spatial_size=spec.spatial_size, mode="area"))
+    steps.append(EnsureTyped(keys="image", dtype=torch.float32))
     return Compose(steps)
 
 
@@ -184,6 +232,11 @@ def _load_one(transform: Compose, item: Dict[str, str]) -> Dict[str, Any]:
         if isinstance(cause, DataError):
             raise cause from None
         raise DataError(f"cannot load {item.get('image')} / {item.get('label')}: {cause}") from e
+
+
+def load_checked(transform: Compose, item: Dict[str, str]) -> Dict[str, Any]:
+    """Apply loading transforms to one item; any error becomes a :class:`DataError` naming the files."""
+    return _load_one(transform, item)
 
 
 class CheckedDataset(Dataset):
