@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import numbers
 import os
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional
@@ -79,11 +81,18 @@ class RunSummary:
 
     def add_round(self, round_num: int, sites: Mapping[str, Mapping[str, Any]],
                   aggregation_weights: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
-        """Record one round: ``sites[site]`` holds that site's scalar metrics (must include the key metric)."""
-        scores = {s: m[self.key_metric] for s, m in sites.items() if self.key_metric in m}
+        """Record one round: ``sites[site]`` holds that site's scalar metrics (must include the key metric).
+
+        A site whose key metric is missing, not a number or not finite (a NaN Dice) is left out of the fairness
+        summary and listed under ``"unscored_sites"``; the round is recorded all the same."""
+        scores = {s: _score(m.get(self.key_metric)) for s, m in sites.items()}
+        valid = {s: v for s, v in scores.items() if v is not None}
         entry = {"round": round_num, "sites": {s: dict(m) for s, m in sorted(sites.items())},
-                 "fairness": fairness_summary(scores) if scores else None,
+                 "fairness": fairness_summary(valid) if valid else None,
                  "aggregation_weights": dict(aggregation_weights or {})}
+        unscored = sorted(s for s, m in sites.items() if self.key_metric in m and scores[s] is None)
+        if unscored:
+            entry["unscored_sites"] = unscored
         self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != round_num] + [entry]
         self.data["rounds"].sort(key=lambda r: r["round"])
         self.save()
@@ -171,9 +180,10 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
         scores = {}
         for site, metrics in entry["sites"].items():
             if test_key in metrics:
-                scores[site] = float(metrics[test_key])
-            elif key_metric in metrics:
-                scores[site] = float(metrics[key_metric])
+                if _score(metrics[test_key]) is not None:  # a NaN score leaves the site out of this round
+                    scores[site] = _score(metrics[test_key])
+            elif _score(metrics.get(key_metric)) is not None:
+                scores[site] = _score(metrics[key_metric])
                 val_only.add(site)
         if scores:
             curve.append({"round": entry["round"], "model": f"round {entry['round']}", "sites": scores,
@@ -200,6 +210,13 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
         out["last5"] = out["stability"] = None
     out["split"] = "test" if not val_only else f"validation at {sorted(val_only)} (no test split), test elsewhere"
     return out
+
+
+def _score(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def mean_and_worst(scores: Mapping[str, float]) -> Dict[str, float]:

@@ -18,7 +18,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .aggregators import AGGREGATION_WEIGHTS_KEY
-from .relay import encoder_part, relay_assignments
+from .relay import encoder_part, relay_assignments, relay_wait_over
 from .reports import SITE_REPORT_KEY, clean_metrics
 from .results import RunSummary
 from .site_view import PEER_SITE_KEY, site_view
@@ -81,7 +81,10 @@ class MetricsScatterAndGather(ScatterAndGather):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
         if event_type == AppEventType.ROUND_DONE:
-            self._report_round(fl_ctx)
+            try:
+                self._report_round(fl_ctx)
+            except Exception as e:  # the report is for people: it never stops the round or the relay
+                self.log_exception(fl_ctx, f"round {self._current_round}: the round report failed: {e}")
         elif event_type == AppEventType.ROUND_STARTED:
             self._site_metrics = {}
         elif event_type == EventType.BEFORE_TASK_DATA_FILTER:
@@ -165,9 +168,9 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
         return accepted
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        super().handle_event(event_type, fl_ctx)
-        if event_type == AppEventType.ROUND_DONE:
+        if event_type == AppEventType.ROUND_DONE:  # first: nothing in the round's report may keep stale encoders
             self._encoders, self._incoming = self._incoming, {}
+        super().handle_event(event_type, fl_ctx)
 
     def _payload(self, task_data: Shareable, peer: Optional[str]) -> Shareable:
         if peer is None:
@@ -187,19 +190,37 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
         peers = relay_assignments(clients, self._encoders)
         self.log_info(fl_ctx, f"round {self._current_round} relay (site <- encoder of): "
                               + ", ".join(f"{s} <- {p or 'global'}" for s, p in sorted(peers.items())))
-        tasks = []
+        tasks: Dict[str, Task] = {}
         for client in clients:
             site_task = Task(name=task.name, data=self._payload(task.data, peers[client]), props={},
                              timeout=task.timeout, before_task_sent_cb=task.before_task_sent_cb,
                              result_received_cb=task.result_received_cb)
             self.send(site_task, fl_ctx, targets=[client])
-            tasks.append(site_task)
-        while any(t.completion_status is None for t in tasks):
+            tasks[client] = site_task
+        self._wait_for_relay_tasks(tasks, min_responses, wait_time_after_min_received, abort_signal, fl_ctx)
+
+    def _wait_for_relay_tasks(self, tasks: Dict[str, Task], min_responses: int, wait_after_min: float,
+                              abort_signal: Optional[Signal], fl_ctx: FLContext) -> None:
+        """Wait like ``broadcast_and_wait``: until every site's task ended, or the quorum answered and the others
+        had ``wait_after_min`` seconds more (see :func:`medflare.relay.relay_wait_over`); then cancel the rest."""
+        min_reached_at: Optional[float] = None
+        while True:
             if abort_signal is not None and abort_signal.triggered:
-                for t in tasks:
-                    self.cancel_task(t, fl_ctx=fl_ctx)
-                return
+                break
+            finished = sum(t.completion_status is not None for t in tasks.values())
+            responded = sum(any(ct.result is not None for ct in t.client_tasks) for t in tasks.values())
+            now = time.monotonic()
+            if min_reached_at is None and responded >= min_responses:
+                min_reached_at = now
+            if relay_wait_over(finished, responded, len(tasks), min_responses, min_reached_at, now, wait_after_min):
+                break
             time.sleep(self._task_check_period)
+        late = sorted(site for site, t in tasks.items() if t.completion_status is None)
+        if late and not (abort_signal is not None and abort_signal.triggered):
+            self.log_warning(fl_ctx, f"round {self._current_round}: going on without {late} "
+                             f"({wait_after_min}s after {min_responses} site(s) answered)")
+        for site in late:
+            self.cancel_task(tasks[site], fl_ctx=fl_ctx)
 
     def get_persist_state(self, fl_ctx: FLContext) -> dict:
         """FLARE's snapshot of the controller also keeps the encoders to relay, so a resumed run relays them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,32 @@ def load_weights(model: torch.nn.Module, weights: Dict[str, Any], source: str) -
         state[name].copy_(tensor.to(state[name].dtype))
 
 
+class StateError(ValueError):
+    """A site's saved client state cannot be restored; the message names the file and the site."""
+
+
+def read_state_file(path: str, site: str, required: Sequence[str],
+                    map_location: Optional[torch.device] = None) -> Optional[Dict[str, Any]]:
+    """The client state saved at ``path`` (``None`` when there is none yet), checked to hold ``required`` keys.
+
+    Raises:
+        StateError: the file exists but cannot be read (truncated, corrupt, not a state file) or lacks a key. A site
+            never starts afresh silently over a state file it could not read.
+    """
+    if not os.path.exists(path):
+        return None
+    advice = "move the file away to start this site afresh, or restore it from a backup"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling, zip and I/O errors all mean the same thing here
+        raise StateError(f"site '{site}': client state file {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"{advice}") from e
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise StateError(f"site '{site}': client state file {path} lacks {missing}; {advice}")
+    return state
+
+
 def save_state_atomic(state: Dict[str, Any], path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
     try:
@@ -96,16 +122,23 @@ class SiteExecutor(Executor):
     """Base of the medflare executors.
 
     It learns the site's name, app folder and ``local/`` folder at ``START_RUN``, prepares the site lazily on the
-    first task (subclasses implement ``_ensure_ready``; a ``ValueError`` there, such as a
-    :class:`~medflare.data.DataError`, makes every task of this site fail with the message, which lets the server stop
-    the job), and dispatches ``train``, ``validate`` and ``submit_model`` to ``_train``, ``_validate`` and
-    ``_submit_model``. Any other exception in a task is logged and returned as ``EXECUTION_EXCEPTION``.
+    first task (subclasses implement ``_ensure_ready``, which ends by restoring the saved client state with
+    :meth:`_restore_state`), and dispatches ``train``, ``validate`` and ``submit_model`` to ``_train``,
+    ``_validate`` and ``_submit_model``. The site is ready, and runs tasks, only once ``_ensure_ready`` has
+    completed, state included: any error there (a :class:`~medflare.data.DataError`, a :class:`StateError` for a
+    corrupt state file...) makes every task of this site fail with the message, which lets the server stop the job
+    or carry on without the site; the site never continues on half-prepared or fresh state. Any other exception in a
+    task is logged and returned as ``EXECUTION_EXCEPTION``.
+
+    Subclasses that keep client state set :attr:`state_keys` and implement :meth:`state_dict` and
+    :meth:`load_state`.
 
     Args:
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
     """
 
     state_file = STATE_FILE
+    state_keys: Sequence[str] = ()
     key_metric = "dice"
 
     def __init__(self, tb_writer_id: str = "tb_writer") -> None:
@@ -116,6 +149,7 @@ class SiteExecutor(Executor):
         self._local_dir: Optional[str] = None
         self._tb = None
         self._setup_error: Optional[str] = None
+        self._ready = False
         self.model: Optional[torch.nn.Module] = None
         self.local_weights: Optional[Dict[str, np.ndarray]] = None
 
@@ -163,6 +197,34 @@ class SiteExecutor(Executor):
         out.set_meta_prop(SITE_REPORT_KEY, report)
         return out.to_shareable()
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The client state to keep across worker restarts (tensors and plain values only)."""
+        return {}
+
+    def load_state(self, state: Dict[str, Any]) -> str:
+        """Apply a state read from the state file; returns what was restored, for the log."""
+        return ""
+
+    def _save_state(self) -> None:
+        save_state_atomic(self.state_dict(), self._state_path())
+
+    def _restore_state(self, fl_ctx: FLContext) -> None:
+        """Restore the state saved by an earlier worker of this job at this site, if any.
+
+        Raises:
+            StateError: naming the file and the site, when the file cannot be read or does not fit.
+        """
+        path = self._state_path()
+        state = read_state_file(path, self.site, self.state_keys, getattr(self, "device", None))
+        if state is None:
+            return
+        try:
+            restored = self.load_state(state)
+        except Exception as e:
+            raise StateError(f"site '{self.site}': client state file {path} does not fit this site's model or "
+                             f"optimiser ({e}); move it away to start this site afresh") from e
+        self.log_info(fl_ctx, f"restored client state ({restored}) from {path}")
+
     def _state_path(self) -> str:
         """Where client state that must outlive a worker process is kept (the job's app folder at this site)."""
         return os.path.join(self._app_dir, self.state_file)
@@ -172,11 +234,15 @@ class SiteExecutor(Executor):
             self._tb.add_scalar(tag, float(value), global_step=step)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self._setup_error is None:
+        if not self._ready and self._setup_error is None:
             try:
                 self._ensure_ready(fl_ctx)
-            except ValueError as e:  # DataError, or settings that do not fit this site's data
+                self._ready = True
+            except ValueError as e:  # DataError, StateError, or settings that do not fit this site's data
                 self._setup_error = str(e)
+            except Exception as e:  # anything else: the site stays not ready, with the reason in every reply
+                self.log_exception(fl_ctx, f"site '{self.site}' could not be prepared: {e}")
+                self._setup_error = f"{type(e).__name__}: {e}"
         if self._setup_error is not None:
             # the error reply makes the server stop the job (or carry on without this site, per its policy)
             self.log_error(fl_ctx, f"site '{self.site}' cannot take part: {self._setup_error}")

@@ -21,7 +21,6 @@ Images and labels never do. The last local model (and its round) and the optimis
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -41,7 +40,7 @@ from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
 from ..site_view import SITE_WEIGHT_KEY
 from .base import SiteExecutor, configure_torch
-from .base import load_weights, resolve_device, save_state_atomic, weights_to_numpy
+from .base import load_weights, resolve_device, weights_to_numpy
 
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
@@ -145,20 +144,17 @@ class ClassificationExecutor(SiteExecutor):
                                              reset_optimizer=self.reset_optimizer)
         self._restore_state(fl_ctx)
 
-    def _restore_state(self, fl_ctx: FLContext) -> None:
-        path = self._state_path()
-        if not os.path.isfile(path):
-            return
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    state_keys = ("local_weights", "local_round", "optimizer")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
+                "local_round": self.local_round, "optimizer": self.trainer.optimizer.state_dict()}
+
+    def load_state(self, state: Dict[str, Any]) -> str:
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
         self.local_round = int(state["local_round"])
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
-        self.log_info(fl_ctx, f"restored client state (local model of round {self.local_round}) from {path}")
-
-    def _save_state(self) -> None:
-        save_state_atomic({"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
-                           "local_round": self.local_round, "optimizer": self.trainer.optimizer.state_dict()},
-                          self._state_path())
+        return f"local model of round {self.local_round}"
 
     # ------------------------------------------------------------------ statistics
     def _validation_metrics(self) -> Dict[str, float]:

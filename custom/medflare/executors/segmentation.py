@@ -20,7 +20,6 @@ kept in ``<app dir>/medflare_client_state.pt`` and reloaded when FLARE restarts 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -37,7 +36,7 @@ from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, reso
 from ..metrics import evaluate_segmentation
 from ..networks import build_model
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
-from .base import SiteExecutor, configure_torch, load_weights, resolve_device, save_state_atomic, weights_to_numpy
+from .base import SiteExecutor, configure_torch, load_weights, resolve_device, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
@@ -162,22 +161,19 @@ class SegmentationExecutor(SiteExecutor):
         self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
         self._restore_state(fl_ctx)
 
-    def _restore_state(self, fl_ctx: FLContext) -> None:
-        path = self._state_path()
-        if not os.path.isfile(path):
-            return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
-        self.rounds_done = int(state["rounds_done"])
+    state_keys = ("local_weights", "rounds_done", "optimizer")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
+                "rounds_done": self.rounds_done, "optimizer": self.trainer.optimizer.state_dict(),
+                "extra": self.extra_state()}
+
+    def load_state(self, state: Dict[str, Any]) -> str:
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.load_extra_state(state.get("extra", {}))
-        self.log_info(fl_ctx, f"restored client state after {self.rounds_done} rounds from {path}")
-
-    def _save_state(self) -> None:
-        state = {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
-                 "rounds_done": self.rounds_done, "optimizer": self.trainer.optimizer.state_dict(),
-                 "extra": self.extra_state()}
-        save_state_atomic(state, self._state_path())
+        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
+        self.rounds_done = int(state["rounds_done"])
+        return f"after {self.rounds_done} rounds"
 
     def _validation_metrics(self) -> Dict[str, float]:
         """Cross-site evaluation: the test split (validation when the site has none, flagged)."""

@@ -1,0 +1,189 @@
+"""Faults survived, nothing lost (without a FLARE system): corrupt client state, a dead site in a ring-relay round,
+a NaN metric in a round's report."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.controller_spec import ClientTask, TaskCompletionStatus
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+
+from medflare.executors import SegmentationExecutor
+from medflare.executors.base import STATE_FILE, StateError, read_state_file
+from medflare.networks import build_model
+from medflare.relay import relay_wait_over
+from medflare.results import RunSummary
+from medflare.workflows import RingRelayScatterAndGather
+
+SMALL = {"synthetic": {"n_train": 4, "n_val": 2, "n_test": 2}, "batch_size": 4}
+
+
+def _executor(tmp_path, site="site-1"):
+    ex = SegmentationExecutor(**SMALL)
+    ex.site, ex._app_dir, ex._local_dir, ex._tb = site, str(tmp_path), None, None
+    return ex
+
+
+def _train_task(round_num=0):
+    weights = {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
+    s = DXO(DataKind.WEIGHTS, data=weights).to_shareable()
+    s.set_header(AppConstants.CURRENT_ROUND, round_num)
+    s.set_header(AppConstants.NUM_ROUNDS, 2)
+    return s
+
+
+def _run_all_tasks(ex):
+    return [ex.execute(AppConstants.TASK_TRAIN, _train_task(1), FLContext(), Signal()).get_return_code(),
+            ex.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal()).get_return_code(),
+            ex.execute(AppConstants.TASK_TRAIN, _train_task(2), FLContext(), Signal()).get_return_code()]
+
+
+# ---------------------------------------------------------------- client state
+@pytest.mark.parametrize("content", [b"not a torch file", b""], ids=["garbage", "empty"])
+def test_corrupt_state_file_fails_every_task_naming_file_and_site(tmp_path, content):
+    (tmp_path / STATE_FILE).write_bytes(content)
+    ex = _executor(tmp_path)
+    assert _run_all_tasks(ex) == [ReturnCode.EXECUTION_EXCEPTION] * 3  # never a silent fresh start
+    assert not ex._ready
+    assert "site 'site-1': client state file" in ex._setup_error and STATE_FILE in ex._setup_error
+    assert "cannot be read" in ex._setup_error
+
+
+def test_truncated_state_file_of_a_real_run_is_refused(tmp_path):
+    ex = _executor(tmp_path)
+    assert ex.execute(AppConstants.TASK_TRAIN, _train_task(0), FLContext(), Signal()).get_return_code() == ReturnCode.OK
+    path = tmp_path / STATE_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StateError, match=r"site 'site-1': client state file .* cannot be read"):
+        read_state_file(str(path), "site-1", SegmentationExecutor.state_keys)
+    assert _run_all_tasks(_executor(tmp_path)) == [ReturnCode.EXECUTION_EXCEPTION] * 3
+
+
+def test_state_file_without_its_keys_or_of_another_model_is_refused(tmp_path):
+    torch.save({"rounds_done": 1}, str(tmp_path / STATE_FILE))
+    ex = _executor(tmp_path)
+    assert _run_all_tasks(ex)[0] == ReturnCode.EXECUTION_EXCEPTION
+    assert "lacks ['local_weights', 'optimizer']" in ex._setup_error
+    other = {k: torch.zeros(1) for k in build_model("unet").state_dict()}
+    torch.save({"local_weights": other, "rounds_done": 1, "optimizer": {"state": {}, "param_groups": [{}]}},
+               str(tmp_path / STATE_FILE))
+    ex = _executor(tmp_path)
+    assert _run_all_tasks(ex) == [ReturnCode.EXECUTION_EXCEPTION] * 3
+    assert "does not fit this site's model or optimiser" in ex._setup_error
+
+
+def test_state_is_restored_before_the_site_is_ready(tmp_path):
+    first = _executor(tmp_path)
+    first.execute(AppConstants.TASK_TRAIN, _train_task(0), FLContext(), Signal())
+    second = _executor(tmp_path)
+    assert not second._ready and second.rounds_done == 0
+    reply = second.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())
+    assert second._ready and second.rounds_done == 1 and reply.get_return_code() == ReturnCode.OK
+
+
+# ---------------------------------------------------------------- ring relay quorum
+@pytest.mark.parametrize("finished, responded, reached, now, expected", [
+    (3, 3, 0.0, 0.0, True),      # every site answered
+    (2, 2, None, 5.0, False),    # quorum not reached yet (min 3)
+    (2, 2, 1.0, 1.5, False),     # quorum reached, grace not over
+    (2, 2, 1.0, 3.0, True),      # quorum reached and grace over: go on without the dead site
+    (3, 1, 0.0, 9.0, True),      # every task ended (two timed out): nothing left to wait for
+])
+def test_relay_wait_over(finished, responded, reached, now, expected):
+    min_responses = 3 if reached is None else 2
+    assert relay_wait_over(finished, responded, 3, min_responses, reached, now, 2.0) is expected
+
+
+class _Engine:
+    def __init__(self, sites):
+        self.sites = sites
+
+    def get_clients(self):
+        return self.sites
+
+
+def _relay_controller(sites, wait_after_min):
+    ctl = RingRelayScatterAndGather(min_clients=2, num_rounds=3, wait_time_after_min_received=int(wait_after_min))
+    ctl._engine = _Engine(sites)
+    ctl._task_check_period = 0.01
+    ctl._current_round = 1
+    ctl._encoders = {s: {"enc": np.full(2, i, np.float32)} for i, s in enumerate(sites)}
+    return ctl
+
+
+def test_ring_relay_goes_on_without_a_dead_site(monkeypatch):
+    sites = ["site-1", "site-2", "site-3"]
+    ctl = _relay_controller(sites, wait_after_min=0.3)
+    sent, cancelled = {}, []
+
+    def send(task, fl_ctx, targets):
+        sent[targets[0]] = task
+        if targets[0] != "site-3":  # site-3 is dead: it never answers
+            client_task = ClientTask(client=None, task=task)
+            client_task.result = Shareable()
+            task.client_tasks.append(client_task)
+            task.completion_status = TaskCompletionStatus.OK
+
+    def cancel_task(task, completion_status=TaskCompletionStatus.CANCELLED, fl_ctx=None):
+        cancelled.append(task)
+        task.completion_status = completion_status
+
+    monkeypatch.setattr(ctl, "send", send)
+    monkeypatch.setattr(ctl, "cancel_task", cancel_task)
+    train = DXO(DataKind.WEIGHTS, data={"enc": np.zeros(2, np.float32)}).to_shareable()
+    from nvflare.apis.controller_spec import Task
+
+    start = time.monotonic()
+    ctl.broadcast_and_wait(Task(name=AppConstants.TASK_TRAIN, data=train), FLContext(), min_responses=2,
+                           wait_time_after_min_received=0.3, abort_signal=Signal())
+    assert 0.3 <= time.monotonic() - start < 5.0  # the grace period, not forever
+    assert sorted(sent) == sites and cancelled == [sent["site-3"]]
+
+
+def test_ring_relay_aborts_promptly(monkeypatch):
+    ctl = _relay_controller(["site-1", "site-2"], wait_after_min=600)
+    cancelled = []
+    monkeypatch.setattr(ctl, "send", lambda task, fl_ctx, targets: None)
+    monkeypatch.setattr(ctl, "cancel_task", lambda task, fl_ctx=None: cancelled.append(task))
+    signal = Signal()
+    signal.trigger("stop")
+    from nvflare.apis.controller_spec import Task
+
+    train = DXO(DataKind.WEIGHTS, data={"enc": np.zeros(2, np.float32)}).to_shareable()
+    ctl.broadcast_and_wait(Task(name=AppConstants.TASK_TRAIN, data=train), FLContext(), min_responses=2,
+                           wait_time_after_min_received=600, abort_signal=signal)
+    assert len(cancelled) == 2
+
+
+# ---------------------------------------------------------------- a bad metric never loses a round
+def test_nan_dice_keeps_the_round_report(tmp_path):
+    summary = RunSummary(str(tmp_path))
+    entry = summary.add_round(0, {"site-1": {"dice": 0.5, "test_dice": 0.4}, "site-2": {"dice": math.nan},
+                                  "site-3": {"dice": 0.7, "test_dice": math.nan}})
+    assert entry["unscored_sites"] == ["site-2"]
+    assert entry["fairness"]["n_sites"] == 2 and entry["fairness"]["mean"] == pytest.approx(0.6)
+    assert sorted(entry["sites"]) == ["site-1", "site-2", "site-3"]
+    assert summary.data["test"]["rounds"][0]["sites"] == {"site-1": 0.4}
+    assert (tmp_path / "metrics" / "round_metrics.csv").read_text().count("\n") == 4
+
+
+def test_a_failing_report_neither_stops_the_round_nor_keeps_stale_encoders(monkeypatch):
+    ctl = _relay_controller(["site-1", "site-2"], wait_after_min=0)
+    fresh = {"site-1": {"enc": np.ones(2, np.float32)}}
+    ctl._incoming = dict(fresh)
+    ctl._site_metrics = {"site-1": {"dice": math.nan}}
+
+    def broken_report(fl_ctx):
+        raise ValueError("non-finite metric from sites ['site-1']")
+
+    monkeypatch.setattr(ctl, "_report_round", broken_report)
+    ctl.handle_event(AppEventType.ROUND_DONE, FLContext())
+    assert ctl._encoders == fresh and ctl._incoming == {}
