@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""What FLARE and the bundle cost on top of training: fixed cost, cost per round and memory, against the bare loop.
+
+Each runner does the same work at two round counts (``--rounds 2 8`` by default), and the runs are interleaved
+(runner A at R1, B at R1, ..., A at R2, B at R2, ...; repeated ``--repeats`` times) so a machine that slows down
+mid-way slows every runner alike. A straight line through (R, wall time) gives each runner's fixed cost (start,
+data, cross-site evaluation, stop) and its cost per round; their excess over the bare loop is what the
+orchestration adds. Peak memory is the largest sum of proportional set sizes (PSS) over the runner's process tree,
+sampled every ``--sample`` seconds.
+
+Runners:
+
+* ``bare``: :mod:`bare_loop` (one process, no messaging) with the segmentation jobs' training settings: the floor.
+* any job folder under ``jobs/`` (``fedavg``, ``fedda``, ``fedavg_cls``, ``fedism`` ...), run with
+  ``nvflare simulator -n N -t N`` on its built-in benchmark (3 sites for segmentation, 4 for the fairness jobs).
+
+    python benchmarks/overhead.py                                    # bare, fedavg, fedda, fedavg_cls, fedism
+    python benchmarks/overhead.py --runners bare fedavg --rounds 2 8 --repeats 2
+
+Prints a Markdown table (and writes it to ``--out`` with the raw timings as JSON). Do not run anything else on the
+machine meanwhile: the figures are wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from jobtools import NVFLARE, copy_job  # noqa: E402
+
+#: Training settings of the segmentation jobs, given to the bare loop so it does the same work.
+BARE_LOOP_SETTINGS = ["optimizer=sgd", "lr=0.03", "reset_optimizer=true", "server_momentum=0.5"]
+#: Sites of each job's built-in benchmark.
+FAIRNESS_SITES = 4
+SEGMENTATION_SITES = 3
+
+
+@dataclass
+class Measurement:
+    """One run: its wall time and the peak PSS of its process tree."""
+
+    runner: str
+    rounds: int
+    seconds: float
+    peak_pss_mb: float
+
+
+def tree_pss_mb(root: psutil.Process) -> float:
+    """Sum of the proportional set sizes of ``root`` and its descendants, in MiB (vanished processes count 0)."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total / 2**20
+
+
+def run_measured(cmd: Sequence[str], log: str, sample_s: float, env: Optional[Dict[str, str]] = None) -> tuple:
+    """Run ``cmd`` to completion; return (wall seconds, peak tree PSS in MiB). Raises if it fails."""
+    peak = [0.0]
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        root = psutil.Process(proc.pid)
+
+        def sample() -> None:
+            while proc.poll() is None:
+                try:
+                    peak[0] = max(peak[0], tree_pss_mb(root))
+                except psutil.NoSuchProcess:
+                    return
+                time.sleep(sample_s)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        seconds = time.perf_counter() - start
+        sampler.join(timeout=5)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {code}); see {log}")
+    return seconds, peak[0]
+
+
+def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
+    """The command (and environment) that makes ``runner`` do ``rounds`` rounds of the shared work."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if runner == "bare":
+        return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
+                "--seeds", "0", "--set", *BARE_LOOP_SETTINGS], env
+    n_sites = FAIRNESS_SITES if runner.endswith("_cls") or runner.startswith("fedism") else SEGMENTATION_SITES
+    job = copy_job(runner, os.path.join(workdir, "job"), num_rounds=rounds, client_args={"seed": 0})
+    ws = os.path.join(workdir, "ws")
+    return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(n_sites)], env
+
+
+def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_s: float,
+            scratch: str) -> List[Measurement]:
+    """Run every runner at every round count, interleaved, ``repeats`` times."""
+    results = []
+    for rep in range(repeats):
+        for r in rounds:
+            for runner in runners:
+                workdir = tempfile.mkdtemp(prefix=f"{runner}_R{r}_", dir=scratch)
+                cmd, env = runner_command(runner, r, workdir)
+                seconds, pss = run_measured(cmd, os.path.join(workdir, "run.log"), sample_s, env)
+                results.append(Measurement(runner, r, seconds, pss))
+                print(f"[{rep + 1}/{repeats}] {runner:12s} R={r:3d}: {seconds:7.1f} s, peak PSS {pss:7.0f} MiB",
+                      flush=True)
+    return results
+
+
+def line_fit(points: Sequence[Measurement]) -> tuple:
+    """Least-squares (fixed cost, cost per round) through the (rounds, seconds) points."""
+    r = np.array([p.rounds for p in points], dtype=float)
+    t = np.array([p.seconds for p in points], dtype=float)
+    per_round, fixed = np.polyfit(r, t, 1)
+    return float(fixed), float(per_round)
+
+
+def summarise(results: Sequence[Measurement], floor: str = "bare",
+              method_pairs: Sequence[tuple] = (("fedda", "fedavg"), ("fedism", "fedavg_cls"))) -> str:
+    """Markdown table: per runner fixed cost, cost per round, excess over ``floor``, wall at the largest R, PSS."""
+    runners = list(dict.fromkeys(m.runner for m in results))
+    fits = {name: line_fit([m for m in results if m.runner == name]) for name in runners}
+    top = max(m.rounds for m in results)
+    lines = [f"| runner | fixed cost s | cost per round s | fixed over {floor} s | per round over {floor} s | "
+             f"wall at R = {top} s | peak PSS MiB |", "|---|---|---|---|---|---|---|"]
+    for name in runners:
+        fixed, per_round = fits[name]
+        wall = np.median([m.seconds for m in results if m.runner == name and m.rounds == top])
+        pss = max(m.peak_pss_mb for m in results if m.runner == name)
+        if floor in fits and name != floor:
+            over = f"{fixed - fits[floor][0]:+.1f} | {per_round - fits[floor][1]:+.2f}"
+        else:
+            over = "– | –"
+        lines.append(f"| {name} | {fixed:.1f} | {per_round:.2f} | {over} | {wall:.1f} | {pss:.0f} |")
+    ratios = [f"{a} / {b} per round: {fits[a][1] / fits[b][1]:.2f}x"
+              for a, b in method_pairs if a in fits and b in fits and fits[b][1] > 0]
+    return "\n".join(lines + ([""] + ["Method cost: " + "; ".join(ratios)] if ratios else []))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runners", nargs="+", default=["bare", "fedavg", "fedda", "fedavg_cls", "fedism"])
+    ap.add_argument("--rounds", type=int, nargs=2, default=[2, 8], metavar=("R1", "R2"))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sample", type=float, default=1.0, help="seconds between memory samples")
+    ap.add_argument("--out", help="write the table (.md) and the raw timings (.json) next to this path")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="medflare_overhead_") as scratch:
+        start = time.time()
+        results = measure(args.runners, args.rounds, args.repeats, args.sample, scratch)
+    table = summarise(results) + f"\n\nTotal wall time of the benchmark: {time.time() - start:.0f} s"
+    print(table)
+    if args.out:
+        base = os.path.splitext(args.out)[0]
+        os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
+        with open(base + ".md", "w") as f:
+            f.write(table + "\n")
+        with open(base + ".json", "w") as f:
+            json.dump([m.__dict__ for m in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
