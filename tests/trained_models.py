@@ -1,0 +1,75 @@
+"""Trained checkpoints for fast tests, written by the persistor's own save path (no FLARE run).
+
+The network comes from :class:`medflare.persistors.SegmentationModelPersistor`, the preprocessing record from the
+job's executor (:func:`medflare.provenance.executor_preprocessing`, as the persistor reads it at the server), and the
+file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
+
+from medflare.data import SyntheticSegConfig
+from medflare.data.datalist import load_items, read_datalist
+from medflare.data.synthetic import ensure_site_dataset
+from medflare.persistors import SegmentationModelPersistor
+from medflare.provenance import executor_preprocessing
+
+
+def write_checkpoint(path: str, persistor: SegmentationModelPersistor, model_name: str = "global",
+                     rounds: int = 3) -> str:
+    """Save the persistor's current network as a checkpoint with its provenance record."""
+    persistor.persistence_manager = PTModelPersistenceFormatManager(
+        {k: v.detach().clone() for k, v in persistor.model.state_dict().items()})
+    persistor._job = {"name": "test_job", "id": "simulate_job"}
+    persistor._stamp(FLContext(), model_name, rounds)
+    persistor.save_model_file(path)
+    return path
+
+
+def segmentation_persistor(executor_args: Optional[Dict[str, Any]] = None,
+                           model: Optional[Dict[str, Any]] = None, seed: int = 0) -> SegmentationModelPersistor:
+    """A persistor whose model fits a ``SegmentationExecutor(**executor_args)`` and records its preprocessing."""
+    from medflare.executors import SegmentationExecutor
+
+    executor = SegmentationExecutor(**(executor_args or {}))
+    spec = {"name": executor.model_name, **executor.model_args, **(model or {})}
+    persistor = SegmentationModelPersistor(model=spec, seed=seed, preprocessing=executor_preprocessing(executor))
+    persistor.model.eval()
+    return persistor
+
+
+def synthetic_datalist(size: int = 48, n_train: int = 16, n_test: int = 6, spatial_dims: int = 2,
+                       site_index: int = 0) -> str:
+    """The ``dataset.json`` of one site of a small synthetic benchmark (cached like a site's data)."""
+    config = SyntheticSegConfig(n_train=n_train, n_val=4, n_test=n_test, size=size, spatial_dims=spatial_dims)
+    return ensure_site_dataset(config, site_index).datalist
+
+
+def train_briefly(persistor: SegmentationModelPersistor, datalist: str, epochs: int = 3) -> None:
+    """A few epochs of local training on a datalist's training list, so that Dice scores are not trivial."""
+    from medflare.inference.segmentation import image_spec
+    from medflare.training import SegmentationTrainer
+
+    dataset = load_items(read_datalist(datalist, "training"), image_spec(persistor.preprocessing), cache=True)
+    trainer = SegmentationTrainer(persistor.model, torch.device("cpu"), lr=0.03, optimizer="sgd")
+    trainer.fit(dataset, epochs, batch_size=8, seed=0)
+    persistor.model.eval()
+
+
+def nifti(path: str, array: np.ndarray, affine: Optional[np.ndarray] = None) -> str:
+    """Write ``array`` as NIfTI with ``affine`` (default: a non-trivial one) and return the path."""
+    import nibabel as nib
+
+    if affine is None:
+        affine = np.diag([0.8, 1.3, 2.0, 1.0])
+        affine[:3, 3] = [10.0, -4.0, 3.5]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return path
