@@ -168,6 +168,19 @@ def clean_metrics(site: str, metrics: Any) -> Tuple[Dict[str, Any], List[str]]:
     return kept, notes
 
 
+def clean_cross_site(results: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
+    """Cross-site evaluation results ``results[data_site][model] = metrics`` with every metric checked by
+    :func:`clean_metrics` (the reporting site is ``data_site``); returns the cleaned results and the notes."""
+    cleaned: Dict[str, Dict[str, Any]] = {}
+    notes: List[str] = []
+    for data_site, by_model in results.items():
+        for model, metrics in (by_model or {}).items():
+            kept, dropped = clean_metrics(str(data_site), metrics)
+            cleaned.setdefault(data_site, {})[model] = kept
+            notes += [f"{n} (cross-site evaluation of model '{model}')" for n in dropped]
+    return cleaned, notes
+
+
 def effective_sample_counts(reported: Mapping[str, int], declared: Optional[Mapping[str, int]] = None,
                             max_sample_ratio: Optional[float] = DEFAULT_MAX_SAMPLE_RATIO
                             ) -> Tuple[Dict[str, float], List[str]]:

@@ -6,6 +6,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
 
+from .reports import clean_cross_site
 from .results import RunSummary, format_matrix
 
 
@@ -25,6 +26,9 @@ class CrossSiteReport(ValidationJsonGenerator):
         super().handle_event(event_type, fl_ctx)
         if event_type == EventType.END_RUN and self._val_results:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-            cross = RunSummary(run_dir, self.key_metric).set_cross_site(self._val_results)
+            results, notes = clean_cross_site(self._val_results)  # out-of-range scores never enter the matrix
+            for note in notes:
+                self.log_warning(fl_ctx, note)
+            cross = RunSummary(run_dir, self.key_metric).set_cross_site(results)
             self.log_info(fl_ctx, f"cross-site {self.key_metric} (rows: models, columns: sites):\n"
                                   + format_matrix(cross["matrix"]))

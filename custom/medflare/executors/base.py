@@ -18,6 +18,8 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from ..aggregation import weight_difference
+from ..site_policy import RESEARCH_DEFAULT, PolicyError, SitePolicy, read_site_policy
 from ..workflows import SITE_REPORT_KEY
 
 STATE_FILE = "medflare_client_state.pt"
@@ -133,17 +135,24 @@ class SiteExecutor(Executor):
     Subclasses that keep client state set :attr:`state_keys` and implement :meth:`state_dict` and
     :meth:`load_state`.
 
+    What leaves the site is further limited by the site's own ``local/medflare_policy.json``
+    (:mod:`medflare.site_policy`): training curves, the local model for cross-site evaluation, weight differences.
+
     Args:
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
+        send_weight_differences: send ``WEIGHT_DIFF`` (local minus received global weights) instead of ``WEIGHTS``,
+            e.g. for FLARE's percentile or SVT privacy filters (a site's policy can ask for it too).
     """
 
     state_file = STATE_FILE
     state_keys: Sequence[str] = ()
     key_metric = "dice"
 
-    def __init__(self, tb_writer_id: str = "tb_writer") -> None:
+    def __init__(self, tb_writer_id: str = "tb_writer", send_weight_differences: bool = False) -> None:
         super().__init__()
         self.tb_writer_id = tb_writer_id
+        self.send_weight_differences = send_weight_differences
+        self.policy: SitePolicy = RESEARCH_DEFAULT
         self.site: str = ""
         self._app_dir = ""
         self._local_dir: Optional[str] = None
@@ -160,7 +169,16 @@ class SiteExecutor(Executor):
             workspace = engine.get_workspace()
             self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
             self._local_dir = workspace.get_site_config_dir()
-            self._tb = engine.get_component(self.tb_writer_id) if self.tb_writer_id else None
+            try:
+                self.policy = read_site_policy(self._local_dir)
+            except PolicyError as e:
+                self._setup_error = str(e)
+            share_curves = self.tb_writer_id and self.policy.share_training_curves
+            self._tb = engine.get_component(self.tb_writer_id) if share_curves else None
+            self.log_info(fl_ctx, f"site policy from {self.policy.source}: training curves "
+                                  f"{'sent to' if share_curves else 'kept from'} the server, local model "
+                                  f"{'shared' if self.policy.share_local_model else 'not shared'} for cross-site "
+                                  f"evaluation, results as {self.result_kind()}")
 
     def _ensure_ready(self, fl_ctx: FLContext) -> None:
         raise NotImplementedError
@@ -182,16 +200,30 @@ class SiteExecutor(Executor):
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        """Cross-site evaluation: send this site's last local model."""
+        """Cross-site evaluation: send this site's last local model (if the site's policy shares it)."""
+        if not self.policy.share_local_model:
+            self.log_info(fl_ctx, f"not sending the local model for cross-site evaluation: the site policy "
+                                  f"({self.policy.source}) does not share it")
+            return make_reply(ReturnCode.EMPTY_RESULT)
         if self.local_weights is None:
             self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
             return make_reply(ReturnCode.EMPTY_RESULT)
         return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()
 
-    def _train_result(self, n_train: int, global_metrics: Dict[str, float], report: Dict[str, Any]) -> Shareable:
-        """What a site sends after training: its local weights, sample count, the metrics of the received global
-        model (for model selection) and the documented scalars in ``report``."""
-        out = DXO(DataKind.WEIGHTS, data=self.local_weights)
+    def result_kind(self) -> str:
+        """``WEIGHT_DIFF`` if the job or the site's policy asks for weight differences, else ``WEIGHTS``."""
+        diff = self.send_weight_differences or self.policy.send_weight_differences
+        return DataKind.WEIGHT_DIFF if diff else DataKind.WEIGHTS
+
+    def _train_result(self, n_train: int, global_metrics: Dict[str, float], report: Dict[str, Any],
+                      received: Optional[Dict[str, Any]] = None) -> Shareable:
+        """What a site sends after training: its local weights (or, see :meth:`result_kind`, their difference from
+        the ``received`` global weights), sample count, the metrics of the received global model (for model
+        selection) and the documented scalars in ``report``."""
+        if self.result_kind() == DataKind.WEIGHT_DIFF:
+            out = DXO(DataKind.WEIGHT_DIFF, data=weight_difference(self.local_weights, received))
+        else:
+            out = DXO(DataKind.WEIGHTS, data=self.local_weights)
         out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, n_train)
         out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         out.set_meta_prop(SITE_REPORT_KEY, report)

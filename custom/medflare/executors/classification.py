@@ -84,6 +84,8 @@ class ClassificationExecutor(SiteExecutor):
         num_threads: CPU threads for torch; 0 (default): ``$MEDFLARE_NUM_THREADS`` or 1 (see
             :func:`medflare.executors.base.configure_torch`).
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
+        send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
+            SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 4, in_channels: int = 1,
@@ -92,8 +94,9 @@ class ClassificationExecutor(SiteExecutor):
                  optimizer: str = "adam", reset_optimizer: bool = False, rho: float = 0.05, gsam_alpha: float = 0.1,
                  rho_schedule_p: Optional[float] = None, tau: float = 1.0, reports: Sequence[str] = ALL_REPORTS,
                  global_test_sites: Optional[Sequence[str]] = None, eval_batch_size: int = 128, seed: int = 0,
-                 device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer") -> None:
-        super().__init__(tb_writer_id)
+                 device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
+                 send_weight_differences: bool = False) -> None:
+        super().__init__(tb_writer_id, send_weight_differences)
         unknown = set(reports) - set(ALL_REPORTS)
         if unknown:
             raise ValueError(f"unknown reports {sorted(unknown)}; known: {list(ALL_REPORTS)}")
@@ -247,4 +250,4 @@ class ClassificationExecutor(SiteExecutor):
                        "probe_seconds": round(probe_seconds, 2), "train_loss": result.losses.get("loss", 0.0)})
         self.log_info(fl_ctx, f"round {rnd}: {self.optimizer_kind} trained {result.steps} steps in {seconds:.1f}s "
                               f"(statistics {probe_seconds:.1f}s), local model bacc {local_metrics['bacc']:.4f}")
-        return self._train_result(len(self.data.train), global_metrics, report)
+        return self._train_result(len(self.data.train), global_metrics, report, received=dxo.data)

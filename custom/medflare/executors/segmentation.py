@@ -74,6 +74,8 @@ class SegmentationExecutor(SiteExecutor):
             :func:`medflare.executors.base.configure_torch`).
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
         eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
+        send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
+            SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 3,
@@ -83,8 +85,8 @@ class SegmentationExecutor(SiteExecutor):
                  lr: float = DEFAULT_LR, optimizer: str = DEFAULT_OPTIMIZER, reset_optimizer: bool = True,
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
-                 eval_roi_size: Optional[Sequence[int]] = None) -> None:
-        super().__init__(tb_writer_id)
+                 eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False) -> None:
+        super().__init__(tb_writer_id, send_weight_differences)
         self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
                               spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
                               intensity=intensity, window=tuple(window) if window else None)
@@ -198,7 +200,8 @@ class SegmentationExecutor(SiteExecutor):
         dxo = from_shareable(shareable)
         rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
         n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
-        load_weights(self.model, self.unpack_train_data(dxo), f"global model of round {rnd}")
+        global_weights = self.unpack_train_data(dxo)
+        load_weights(self.model, global_weights, f"global model of round {rnd}")
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
         received = {**self.test_metrics(), **self.round_report()}
@@ -236,4 +239,4 @@ class SegmentationExecutor(SiteExecutor):
                   **{f"train_{k}": v for k, v in result.losses.items()}}
         self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
                               f"local model dice {local_metrics['dice']:.4f}")
-        return self._train_result(len(self.data.train), global_metrics, report)
+        return self._train_result(len(self.data.train), global_metrics, report, received=global_weights)
