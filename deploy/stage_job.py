@@ -8,6 +8,11 @@ The staged copy is what ``nvflare job submit -j`` uploads. Two ways to get the c
 * ``--code site``: no ``custom/`` folder at all. The sites (and the server) must have medflare installed (e.g. with
   ``site_configs/install_site.py --set install_code=true``) and must admit ``medflare.`` in their class allow-list.
 
+Cross-site evaluation of the sites' *local* models (each site's un-averaged model sent to every other site) is
+switched off in the staged job unless ``--cross-site-local-models`` is given: the staged job's
+``CrossSiteModelEval`` gets ``submit_model_task_name: ""``, so only the global models are evaluated at every site.
+(Sites refuse to send their local model anyway unless their ``share_local_model`` value allows it.)
+
 Smaller runs for rehearsals and tests::
 
     python deploy/stage_job.py jobs/fedavg /tmp/staged --num-rounds 2 --min-clients 2 \\
@@ -63,7 +68,8 @@ def parse_json_assignment(text: str) -> tuple:
 
 def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str] = None,
               num_rounds: Optional[int] = None, min_clients: Optional[int] = None,
-              server_args: Optional[Dict[str, Any]] = None, executor_args: Optional[Dict[str, Any]] = None) -> str:
+              server_args: Optional[Dict[str, Any]] = None, executor_args: Optional[Dict[str, Any]] = None,
+              cross_site_local_models: bool = False) -> str:
     """Copy ``job`` to ``out_dir/<name>`` and apply the code mode and overrides; returns the staged folder.
 
     Args:
@@ -75,6 +81,8 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
         min_clients: sets ``min_clients`` in ``meta.json`` and the server config's top-level ``min_clients``.
         server_args: other top-level keys of ``config_fed_server.json`` to set.
         executor_args: arguments merged into the (first) executor's ``args`` in ``config_fed_client.json``.
+        cross_site_local_models: keep the job's cross-site evaluation of the sites' local models (default: switch
+            it off, see the module docstring).
     """
     if code not in ("shipped", "site"):
         raise StageError(f"code must be 'shipped' or 'site', got {code!r}")
@@ -110,11 +118,13 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
         server_overrides["min_clients"] = min_clients
     for app in apps:
         server_cfg = os.path.join(app, "config", "config_fed_server.json")
-        if server_overrides and os.path.isfile(server_cfg):
+        if os.path.isfile(server_cfg):
             cfg = _load(server_cfg)
             if "min_clients" in server_overrides and "min_clients" not in cfg:
                 server_overrides.pop("min_clients")
             cfg.update(server_overrides)
+            if not cross_site_local_models:
+                set_cross_site_local_models(cfg, False)
             _dump(cfg, server_cfg)
         client_cfg = os.path.join(app, "config", "config_fed_client.json")
         if executor_args and os.path.isfile(client_cfg):
@@ -125,6 +135,21 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
                 raise StageError(f"{client_cfg} has no executor to set arguments on") from e
             _dump(cfg, client_cfg)
     return dest
+
+
+def set_cross_site_local_models(server_config: Dict[str, Any], enabled: bool) -> int:
+    """Switch the evaluation of local models of every ``CrossSiteModelEval`` workflow on or off (in place); returns
+    how many workflows were changed."""
+    changed = 0
+    for workflow in server_config.get("workflows") or []:
+        if str(workflow.get("path", "")).endswith(".CrossSiteModelEval"):
+            args = workflow.setdefault("args", {})
+            if enabled:
+                args.pop("submit_model_task_name", None)
+            else:
+                args["submit_model_task_name"] = ""
+            changed += 1
+    return changed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -140,12 +165,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="top-level key of config_fed_server.json (repeatable)")
     parser.add_argument("--executor-arg", action="append", default=[], metavar="KEY=JSON",
                         help="executor argument in config_fed_client.json (repeatable)")
+    parser.add_argument("--cross-site-local-models", action="store_true",
+                        help="keep the cross-site evaluation of the sites' local models (default: global models only)")
     args = parser.parse_args(argv)
     try:
         dest = stage_job(args.job, args.out_dir, code=args.code, name=args.name, num_rounds=args.num_rounds,
                          min_clients=args.min_clients,
                          server_args=dict(parse_json_assignment(a) for a in args.server_arg),
-                         executor_args=dict(parse_json_assignment(a) for a in args.executor_arg))
+                         executor_args=dict(parse_json_assignment(a) for a in args.executor_arg),
+                         cross_site_local_models=args.cross_site_local_models)
     except StageError as e:
         print(f"stage_job: error: {e}", file=sys.stderr)
         return 2

@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         summary.update(sites=system["sites"], admin_kit=system["admin_kit"], ports=system["ports"])
         executor_args = dict(parse_json_assignment(a) for a in args.executor_arg)
         staged = stage_job(args.job, os.path.join(args.workspace, "jobs"), code=args.code,
-                           num_rounds=args.num_rounds, min_clients=args.min_clients, executor_args=executor_args)
+                           num_rounds=args.num_rounds, min_clients=args.min_clients, executor_args=executor_args,
+                           cross_site_local_models=args.cross_site_local_models)
         summary["staged_job"] = staged
         summary["timings_s"]["prepare"] = round(time.monotonic() - t0, 1)
 
@@ -314,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--values", default=os.path.join(HERE, "sites.json"), help="site values (default poc/sites.json)")
     parser.add_argument("--code", choices=["shipped", "site"], default="shipped",
                         help="ship the code with the job (BYOC) or install it at every site")
+    parser.add_argument("--cross-site-local-models", action="store_true",
+                        help="also evaluate the sites' local models across sites (needs share_local_model at the "
+                             "sites); default: global models only")
     parser.add_argument("--results", help="download folder (default <workspace>/results)")
     parser.add_argument("--port", type=int, help="server port (default: a free one)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the job")

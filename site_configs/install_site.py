@@ -18,8 +18,11 @@ file                        sites   content
 ``resources.json``          both    the kit's own ``resources.json.default`` with the template merged on top:
                                     GPUs (client), job/snapshot storage (server), ``class_allow_list`` extended
                                     by ``allowed_classes`` (site-installed medflare), enforcement mode
-``authorization.json``      both    who may submit jobs and who may ship code with a job (BYOC)
+``authorization.json``      both    who may submit jobs, who may ship code with a job (BYOC: nobody unless the
+                                    values name roles in ``byoc_roles``), what the project admin may do here
 ``privacy.json``            client  result filters by privacy scope (what leaves the site)
+``medflare_policy.json``    client  what medflare's executor may send besides the model: training curves, the
+                                    local model for cross-site evaluation; weights or weight differences
 ``custom/medflare/``        both    only with ``install_code: true``: the site-installed copy of the code
 ==========================  ======  ==============================================================================
 
@@ -27,6 +30,11 @@ Values come from ``--values FILE`` (a JSON object of the keys below, or ``{"site
 ``{"defaults": {...}, "sites": {...}}``) and then ``--set KEY=VALUE`` (VALUE parsed as JSON when it parses, else
 taken as a string). Unknown keys, keys that do not apply to the kit's kind, and values of the wrong type are
 refused, and nothing is written.
+
+Secure by default: no role may ship code (``byoc_roles: []``), the project admin has only the rights listed in
+``project_admin_rights`` (no shell commands), training curves and local models stay at the site, and an allow-list
+that admits every class (``allowed_classes: ["*"]``) or only warns (``class_list_enforcement_mode: "warn"``) is
+refused unless ``accept_unchecked_classes: true`` says the site means it.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ ROOT = os.path.dirname(HERE)
 TEMPLATES = os.path.join(HERE, "templates")
 CODE_SOURCE = os.path.join(ROOT, "custom", "medflare")
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z0-9_.]+)\}\}")
-ROLES = ("org_admin", "lead", "member")  # project_admin always has every right
+ROLES = ("project_admin", "org_admin", "lead", "member")
+PROJECT_ADMIN_RIGHTS = ("manage_job", "download_job", "view", "operate", "shell_commands")
+DIFF_SCOPES = ("percentile-privacy", "svt-privacy")  # their filters act on WEIGHT_DIFF results only
 RIGHT_EXPRESSION = re.compile(r"^(any|none|[on]:(site|submitter))$")
 
 
@@ -81,6 +91,14 @@ def _str_list(v: Any) -> bool:
 
 def _roles(v: Any) -> bool:
     return isinstance(v, list) and all(x in ROLES for x in v)
+
+
+def _rights(v: Any) -> bool:
+    return isinstance(v, list) and all(x in PROJECT_ADMIN_RIGHTS for x in v)
+
+
+def _opt_bool(v: Any) -> bool:
+    return v is None or isinstance(v, bool)
 
 
 def _one_of(*choices: str) -> Callable[[Any], bool]:
@@ -121,6 +139,9 @@ FIELDS: Dict[str, Field] = {
                              "([] refuses medflare jobs that rely on site-installed code)"),
     "class_list_enforcement_mode": Field("enforce", _one_of("enforce", "warn"), "enforce or warn",
                                          ("client", "server"), "refuse (enforce) or only log (warn) unlisted classes"),
+    "accept_unchecked_classes": Field(False, _bool, "true/false", ("client", "server"),
+                                      "needed for allowed_classes [\"*\"] or enforcement mode warn: both let jobs "
+                                      "without shipped code run any class at this site"),
     "install_code": Field(False, _bool, "true/false", ("client", "server"),
                           "copy custom/medflare into local/custom/ (site-installed code; shadows shipped copies)"),
     "job_storage": Field(None, _opt_str, "path", ("server",),
@@ -129,18 +150,37 @@ FIELDS: Dict[str, Field] = {
     "snapshot_storage": Field(None, _opt_str, "path", ("server",),
                               "where the server keeps job snapshots (default: as for job_storage)"),
     # --- authorization.json
-    "submit_roles": Field(["lead"], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
-                          "roles (besides project_admin) that may submit and clone jobs; checked by the server"),
-    "byoc_roles": Field(["lead"], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
-                        "roles (besides project_admin) whose jobs may ship code (app/custom); checked by every site"),
+    "submit_roles": Field(["project_admin", "lead"], _roles, f"list of roles from {list(ROLES)}",
+                          ("client", "server"), "roles that may submit and clone jobs; checked by the server"),
+    "byoc_roles": Field([], _roles, f"list of roles from {list(ROLES)}", ("client", "server"),
+                        "roles whose jobs may ship code (app/custom) and so run any code here, allow-list or not; "
+                        "checked by every site"),
+    "project_admin_rights": Field(["manage_job", "download_job", "view", "operate"], _rights,
+                                  f"list of rights from {list(PROJECT_ADMIN_RIGHTS)}", ("client", "server"),
+                                  "what the project admin may do at this site besides submit_roles/byoc_roles "
+                                  "(shell_commands: read files of the site's workspace)"),
     # --- privacy.json
-    "privacy_scope": Field("medflare", _one_of("medflare", "exclude-vars", "percentile-privacy"),
-                           "medflare, exclude-vars or percentile-privacy", ("client",),
+    "privacy_scope": Field("medflare", _one_of("medflare", "exclude-vars", *DIFF_SCOPES),
+                           "medflare, exclude-vars, percentile-privacy or svt-privacy", ("client",),
                            "privacy scope applied to jobs that do not name one in their meta.json"),
     "exclude_vars": Field([], _exclude_vars, "regex string or list of parameter names", ("client",),
                           "parameters the exclude-vars scope removes from results"),
     "percentile": Field(10, _number, "number in 0..100", ("client",), "percentile-privacy: percentile cutoff"),
     "percentile_gamma": Field(0.01, _number, "number > 0", ("client",), "percentile-privacy: clipping bound"),
+    "svt_fraction": Field(0.1, _number, "number in 0..1", ("client",), "svt-privacy: fraction of entries shared"),
+    "svt_epsilon": Field(0.1, _number, "number > 0", ("client",), "svt-privacy: privacy budget per result"),
+    "svt_noise_var": Field(0.1, _number, "number > 0", ("client",), "svt-privacy: noise added to shared entries"),
+    "svt_gamma": Field(1e-5, _number, "number > 0", ("client",), "svt-privacy: clipping bound"),
+    # --- medflare_policy.json
+    "share_training_curves": Field(False, _bool, "true/false", ("client",),
+                                   "send per-epoch losses and local metrics to the server (TensorBoard stream; not "
+                                   "covered by the result filters)"),
+    "share_local_model": Field(False, _bool, "true/false", ("client",),
+                               "send this site's un-averaged local model for cross-site evaluation (the server "
+                               "passes it to every other site)"),
+    "send_weight_differences": Field(None, _opt_bool, "true/false/null", ("client",),
+                                     "send WEIGHT_DIFF results (needed by percentile-privacy and svt-privacy; null: "
+                                     "true exactly when privacy_scope is one of them)"),
 }
 
 
@@ -234,20 +274,62 @@ def resolve_values(kit: Kit, given: Dict[str, Any], source: str = "values") -> D
                 raise InstallError(f"{source}: {set_data} need 'datalist'")
         if not 0 <= values["percentile"] <= 100 or values["percentile_gamma"] <= 0:
             raise InstallError(f"{source}: percentile must be in 0..100 and percentile_gamma > 0")
+        if values["send_weight_differences"] is None:
+            values["send_weight_differences"] = values["privacy_scope"] in DIFF_SCOPES
+        elif values["privacy_scope"] in DIFF_SCOPES and not values["send_weight_differences"]:
+            raise InstallError(f"{source}: privacy_scope {values['privacy_scope']!r} filters weight differences only; "
+                               "with send_weight_differences false the site would send full weights that the filter "
+                               "leaves untouched. Leave send_weight_differences out (or set it true)")
+        if not 0 < values["svt_fraction"] <= 1 or min(values["svt_epsilon"], values["svt_noise_var"],
+                                                       values["svt_gamma"]) <= 0:
+            raise InstallError(f"{source}: svt_fraction must be in (0, 1] and svt_epsilon, svt_noise_var, svt_gamma "
+                               "> 0")
     for prefix in values["allowed_classes"]:
         if prefix != "*" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?", prefix):
             raise InstallError(f"{source}: allowed_classes entry {prefix!r} is not a class path or package prefix")
+    unchecked = unchecked_class_settings(values)
+    if unchecked and not values["accept_unchecked_classes"]:
+        raise InstallError(f"{source}: {' and '.join(unchecked)} would let any job without shipped code instantiate "
+                           "any Python class at this site (the class allow-list is what stops a job from running "
+                           "arbitrary components); set accept_unchecked_classes: true if that is intended")
     return values
+
+
+def unchecked_class_settings(values: Dict[str, Any]) -> List[str]:
+    """The settings that switch the class allow-list off, in words (empty if it is enforced)."""
+    out = []
+    if "*" in values["allowed_classes"]:
+        out.append('allowed_classes ["*"]')
+    if values["class_list_enforcement_mode"] == "warn":
+        out.append("class_list_enforcement_mode 'warn' (unlisted classes are only logged, then run)")
+    return out
+
+
+def install_warnings(values: Dict[str, Any]) -> List[str]:
+    """What the site admin should know about the values (nothing is refused for these)."""
+    notes = []
+    if values["byoc_roles"]:
+        notes.append(f"roles {values['byoc_roles']} may ship code with a job (BYOC): such jobs run any Python code "
+                     "at this site and the class allow-list does not apply to them")
+    if values["accept_unchecked_classes"] and unchecked_class_settings(values):
+        notes.append("the class allow-list is not enforced at this site: " + " and ".join(
+            unchecked_class_settings(values)))
+    if "shell_commands" in values["project_admin_rights"]:
+        notes.append("the project admin may run shell commands (ls, cat, grep...) in this site's workspace")
+    return notes
 
 
 def template_values(values: Dict[str, Any]) -> Dict[str, Any]:
     """Values as the templates name them: the schema's keys plus the rights derived from the role lists."""
     out = dict(values)
+    clone_scope = {"project_admin": "any", "org_admin": "o:submitter"}
     for role in ROLES:
         submit = role in values["submit_roles"]
         out[f"submit_job.{role}"] = "any" if submit else "none"
-        out[f"clone_job.{role}"] = ("o:submitter" if role == "org_admin" else "n:submitter") if submit else "none"
+        out[f"clone_job.{role}"] = clone_scope.get(role, "n:submitter") if submit else "none"
         out[f"byoc.{role}"] = "any" if role in values["byoc_roles"] else "none"
+    for right in PROJECT_ADMIN_RIGHTS:
+        out[f"{right}.project_admin"] = "any" if right in values["project_admin_rights"] else "none"
     return out
 
 
@@ -369,6 +451,19 @@ def validate_site_data(kit: Kit, data: Dict[str, Any], check_files: bool) -> Non
             raise InstallError(f"datalist {datalist} does not exist (use --no-data-check to install anyway)")
 
 
+def validate_site_policy(policy: Dict[str, Any]) -> None:
+    """Validate medflare_policy.json with medflare's own parser (what the executor does at the site)."""
+    sys.path.insert(0, os.path.join(ROOT, "custom"))
+    try:
+        from medflare.site_policy import PolicyError, parse_site_policy
+    finally:
+        sys.path.pop(0)
+    try:
+        parse_site_policy(policy, "medflare_policy.json")
+    except PolicyError as e:
+        raise InstallError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------- install
 def build_files(kit: Kit, values: Dict[str, Any], check_data: bool = True) -> Dict[str, Dict[str, Any]]:
     """The JSON files to write into ``local/``, by file name."""
@@ -382,6 +477,8 @@ def build_files(kit: Kit, values: Dict[str, Any], check_data: bool = True) -> Di
         if "medflare_site.json" in files:
             validate_site_data(kit, files["medflare_site.json"], check_data)
         files["privacy.json"] = load_template("privacy.json", tv)
+        files["medflare_policy.json"] = load_template("medflare_policy.json", tv)
+        validate_site_policy(files["medflare_policy.json"])
     with open(os.path.join(kit.local, "resources.json.default")) as f:
         base = json.load(f)
     if kit.kind == "server":
@@ -429,7 +526,8 @@ def install(kit_dir: str, given: Dict[str, Any], source: str = "values", check_d
         elif os.path.exists(code):
             shutil.rmtree(code)
             removed.append(code)
-    return {"kit": kit, "values": values, "files": files, "written": written, "removed": removed}
+    return {"kit": kit, "values": values, "files": files, "written": written, "removed": removed,
+            "warnings": install_warnings(values)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -467,6 +565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"install_site: error: {e}", file=sys.stderr)
         return 2
     kit = result["kit"]
+    for note in result["warnings"]:
+        print(f"install_site: note: {note}", file=sys.stderr)
     if args.dry_run:
         for name, content in result["files"].items():
             print(f"--- {kit.local}/{name}")

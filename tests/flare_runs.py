@@ -28,6 +28,17 @@ def prepare_job(name: str, dest: str, num_rounds: int = 2, client_args: Optional
     return copy_job(name, dest, num_rounds=num_rounds, client_args=client_args, server_args=server_args)
 
 
+def add_result_filter(job: str, path: str, args: Dict[str, Any], tasks: Sequence[str] = ("train",)) -> None:
+    """Add a FLARE result filter (``path``, ``args``) to the client config of a copied job, for ``tasks``."""
+    config_path = os.path.join(job, "app", "config", "config_fed_client.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.setdefault("task_result_filters", []).append({"tasks": list(tasks),
+                                                         "filters": [{"path": path, "args": args}]})
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
 def error_lines(workspace: str) -> List[str]:
     """ERROR/CRITICAL lines of every server and site log of a workspace."""
     lines = []
@@ -45,9 +56,12 @@ def load_checkpoint_into_model(path: str, model_args: Optional[Dict[str, Any]] =
     return model
 
 
-def check_run(run_dir: str, sites: Sequence[str], num_rounds: int,
-              model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Assert what every completed segmentation run must leave in its server run dir; returns the summary."""
+def check_run(run_dir: str, sites: Sequence[str], num_rounds: int, model_args: Optional[Dict[str, Any]] = None,
+              local_models: bool = True, site_curves: bool = True) -> Dict[str, Any]:
+    """Assert what every completed segmentation run must leave in its server run dir; returns the summary.
+
+    ``local_models``: the cross-site evaluation covered the sites' local models (``False``: it must not have).
+    ``site_curves``: the sites streamed TensorBoard events to the server (``False``: none may have arrived)."""
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
         path = os.path.join(run_dir, "app_server", name)
         assert os.path.isfile(path), f"missing {name}"
@@ -62,8 +76,10 @@ def check_run(run_dir: str, sites: Sequence[str], num_rounds: int,
         assert sorted(entry["sites"]) == sorted(sites)
         assert entry["fairness"]["n_sites"] == len(sites)
     matrix = summary["cross_site"]["matrix"]
-    for model in ["global", "best_global", *sites]:
+    for model in ["global", "best_global", *(sites if local_models else [])]:
         assert sorted(matrix[model]) == sorted(sites), f"cross-site row {model} covers {sorted(matrix[model])}"
+    if not local_models:
+        assert sorted(matrix) == ["best_global", "global"], f"local models were evaluated: {sorted(matrix)}"
     test = summary["test"]
     assert test["split"] == "test" and sorted(test["matrix"]["global"]) == sorted(sites)
     assert [c["round"] for c in test["rounds"]] == list(range(num_rounds + 1))  # received models + the final one
@@ -72,7 +88,8 @@ def check_run(run_dir: str, sites: Sequence[str], num_rounds: int,
     for name in ("round_metrics.csv", "fairness.csv", "cross_site_dice.csv"):
         assert os.path.isfile(os.path.join(run_dir, "metrics", name)), f"missing metrics/{name}"
     for site in sites:
-        assert glob.glob(os.path.join(run_dir, "tb_events", site, "events.*")), f"no TensorBoard events of {site}"
+        events = glob.glob(os.path.join(run_dir, "tb_events", site, "events.*"))
+        assert bool(events) == site_curves, f"TensorBoard events of {site}: {events} (expected: {site_curves})"
     assert glob.glob(os.path.join(run_dir, "tb_events", "server", "events.*"))
     return summary
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 SITES = ["hospital-a", "hospital-b"]
 MODALITIES = {"hospital-a": "t1", "hospital-b": "t2"}
 ADMIN = "admin@coordinator.example.org"  # project_admin
-LEAD = "researcher@hospital-a.example.org"  # lead: may submit, may not ship code (byoc_roles: [] below)
+LEAD = "researcher@hospital-a.example.org"  # lead: may submit, may not ship code (not in byoc_roles below)
 ORG_ADMIN = "it@hospital-a.example.org"  # org_admin: may not submit
 NUM_ROUNDS = 2
 TINY = {"synthetic": {"n_train": 32, "n_val": 8}}
@@ -49,8 +49,10 @@ class Federation:
         return os.path.join(self.prod, name)
 
     def install(self, name: str, **values) -> None:
-        """(Re)install a participant's site config: only the project admin may ship code, leads may submit."""
-        base = {"byoc_roles": [], "submit_roles": ["lead"]}
+        """(Re)install a participant's site config: the sites grant the project admin, explicitly, the right to ship
+        code; project admin and leads may submit; everything else keeps the secure defaults (no training curves or
+        local models leave the sites)."""
+        base = {"byoc_roles": ["project_admin"], "submit_roles": ["project_admin", "lead"]}
         if name == "localhost":
             base.update(job_storage=os.path.join(self.root, "server_store", "jobs"),
                         snapshot_storage=os.path.join(self.root, "server_store", "snapshots"))
@@ -150,7 +152,7 @@ def test_project_admin_runs_job_with_shipped_code(federation, tmp_path):
     assert meta.get("byoc") is True
     result = federation.session(ADMIN).download_job_result(job_id, str(tmp_path))
     run_dir = os.path.join(result, "workspace")
-    check_run(run_dir, SITES, NUM_ROUNDS)
+    check_run(run_dir, SITES, NUM_ROUNDS, local_models=False, site_curves=False)  # the production defaults
     errors = error_lines([run_dir] + federation.site_job_logs(job_id))
     assert not errors, "\n".join(errors[:10])
 
@@ -180,7 +182,7 @@ def test_site_installed_code_runs_job_without_shipped_code(federation, tmp_path)
     assert not meta.get("byoc"), meta
     result = federation.session(LEAD).download_job_result(job_id, str(tmp_path))
     run_dir = os.path.join(result, "workspace")
-    check_run(run_dir, SITES, NUM_ROUNDS)
+    check_run(run_dir, SITES, NUM_ROUNDS, local_models=False, site_curves=False)
     errors = error_lines([run_dir] + federation.site_job_logs(job_id))
     assert not errors, "\n".join(errors[:10])
 

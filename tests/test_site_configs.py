@@ -85,7 +85,7 @@ def test_read_kit_identifies_server_and_client(kits):
     assert (kit.kind, kit.name) == ("client", "hospital-a")
 
 
-def test_client_install_writes_the_four_files(kits):
+def test_client_install_writes_the_site_files(kits):
     kit = kits["hospital-a"]
     install(kit, {"synthetic_modality": "ct", "num_of_gpus": 2, "mem_per_gpu_in_GiB": 40})
     local = os.path.join(kit, "local")
@@ -99,7 +99,22 @@ def test_client_install_writes_the_four_files(kits):
     assert resources["class_list_enforcement_mode"] == "enforce"
     assert os.path.isfile(os.path.join(local, "authorization.json"))
     assert _json(os.path.join(local, "privacy.json"))["default_scope"] == "medflare"
+    assert _json(os.path.join(local, "medflare_policy.json")) == {
+        "share_training_curves": False, "share_local_model": False, "send_weight_differences": False}
     assert not os.path.exists(os.path.join(local, "custom", "medflare"))
+
+
+def test_site_policy_is_read_by_medflare(kits):
+    from medflare.site_policy import read_site_policy
+
+    kit = kits["hospital-a"]
+    local = os.path.join(kit, "local")
+    install(kit, {})
+    policy = read_site_policy(local)
+    assert not (policy.share_training_curves or policy.share_local_model or policy.send_weight_differences)
+    install(kit, {"share_training_curves": True, "privacy_scope": "svt-privacy"})
+    policy = read_site_policy(local)
+    assert policy.share_training_curves and policy.send_weight_differences and not policy.share_local_model
 
 
 def test_site_data_config_is_read_by_medflare(kits, tmp_path):
@@ -133,7 +148,13 @@ def test_missing_datalist_is_refused_unless_told(kits, tmp_path):
 @pytest.mark.parametrize("values, message", [
     ({"datalist_path": "x"}, "unknown keys \\['datalist_path'\\]"),
     ({"num_of_gpus": -1}, "'num_of_gpus' must be integer >= 0"),
-    ({"byoc_roles": ["project_admin"]}, "'byoc_roles' must be list of roles"),
+    ({"byoc_roles": ["root"]}, "'byoc_roles' must be list of roles"),
+    ({"project_admin_rights": ["everything"]}, "'project_admin_rights' must be list of rights"),
+    ({"allowed_classes": ["*"]}, "any Python class at this site.*accept_unchecked_classes: true"),
+    ({"class_list_enforcement_mode": "warn"}, "only logged, then run.*accept_unchecked_classes: true"),
+    ({"privacy_scope": "percentile-privacy", "send_weight_differences": False}, "filters weight differences only"),
+    ({"svt_fraction": 2}, "svt_fraction must be in"),
+    ({"share_local_model": "no"}, "'share_local_model' must be true/false"),
     ({"class_list_enforcement_mode": "off"}, "enforce or warn"),
     ({"datalist": "a.json", "synthetic_modality": "t1"}, "either 'datalist' or 'synthetic_modality'"),
     ({"modality": "t1"}, "need 'datalist'"),
@@ -222,21 +243,29 @@ def test_allow_list_as_flare_enforces_it(kits):
     assert not _authorized(kit, "somebody.else.Executor")
     install(kit, {"allowed_classes": []})
     assert not _authorized(kit, MEDFLARE_CLASS)
-    install(kit, {"allowed_classes": [], "class_list_enforcement_mode": "warn"})
+    result = install(kit, {"allowed_classes": [], "class_list_enforcement_mode": "warn",
+                           "accept_unchecked_classes": True})  # only when the site says so explicitly
     assert _authorized(kit, MEDFLARE_CLASS)
+    assert any("not enforced" in note for note in result["warnings"])
+    install(kit, {"allowed_classes": ["*"], "accept_unchecked_classes": True})
+    assert _authorized(kit, "somebody.else.Executor")
 
 
 def test_authorization_rights_by_role(kits):
     kit = kits["localhost"]
-    install(kit, {})  # FLARE's usual split: leads submit and may ship code, org admins do neither
-    assert _right(kit, "project_admin", "submit_job") and _right(kit, "project_admin", "byoc")
-    assert _right(kit, "lead", "submit_job") and _right(kit, "lead", "byoc")
-    assert not _right(kit, "org_admin", "submit_job") and not _right(kit, "org_admin", "byoc")
-    assert not _right(kit, "member", "submit_job")
-    install(kit, {"byoc_roles": [], "submit_roles": ["lead", "org_admin"]})
-    assert _right(kit, "lead", "submit_job") and not _right(kit, "lead", "byoc")
-    assert _right(kit, "org_admin", "submit_job")
-    assert _right(kit, "project_admin", "byoc")
+    result = install(kit, {})  # secure default: project admins and leads submit, nobody ships code
+    for role in ("project_admin", "lead", "org_admin", "member"):
+        assert not _right(kit, role, "byoc"), role
+    assert _right(kit, "project_admin", "submit_job") and _right(kit, "lead", "submit_job")
+    assert not _right(kit, "org_admin", "submit_job") and not _right(kit, "member", "submit_job")
+    assert _right(kit, "project_admin", "operate") and not _right(kit, "project_admin", "shell_commands")
+    assert result["warnings"] == []
+    result = install(kit, {"byoc_roles": ["lead"], "submit_roles": ["lead", "org_admin"],
+                           "project_admin_rights": ["view"]})  # every right is the site's explicit choice
+    assert _right(kit, "lead", "byoc") and not _right(kit, "project_admin", "byoc")
+    assert _right(kit, "org_admin", "submit_job") and not _right(kit, "project_admin", "submit_job")
+    assert _right(kit, "project_admin", "view") and not _right(kit, "project_admin", "operate")
+    assert any("may ship code" in note and "allow-list does not apply" in note for note in result["warnings"])
 
 
 def test_privacy_scopes_build_in_flare(kits):
@@ -246,8 +275,11 @@ def test_privacy_scopes_build_in_flare(kits):
     install(kit, {"privacy_scope": "exclude-vars", "exclude_vars": "^head\\."})
     manager = create_privacy_manager(_workspace(kit), names_only=False)
     assert manager.is_policy_defined()
-    assert sorted(manager.name_to_scopes) == ["exclude-vars", "medflare", "percentile-privacy"]
+    assert sorted(manager.name_to_scopes) == ["exclude-vars", "medflare", "percentile-privacy", "svt-privacy"]
     assert manager.default_scope.name == "exclude-vars"
+    for scope in ("percentile-privacy", "svt-privacy"):  # the filters are built, for WEIGHT_DIFF results
+        filters = [f for fs in manager.name_to_scopes[scope].task_result_filters.values() for f in fs]
+        assert filters and all(f.data_kinds == ["WEIGHT_DIFF"] for f in filters), scope
     assert manager.name_to_scopes["medflare"].task_result_filters == {} or not any(
         manager.name_to_scopes["medflare"].task_result_filters.values())
 
@@ -307,6 +339,12 @@ def test_stage_job_shipped_and_site_code(tmp_path):
     assert (server["num_rounds"], server["min_clients"]) == (1, 2)
     client = _json(os.path.join(shipped, "app", "config", "config_fed_client.json"))
     assert client["executors"][0]["executor"]["args"]["synthetic"] == {"n_train": 8, "n_val": 2}
+    cse = [w for w in server["workflows"] if w["path"].endswith("CrossSiteModelEval")][0]
+    assert cse["args"]["submit_model_task_name"] == ""  # staged jobs evaluate the global models only
+    kept = stage_job(src, str(tmp_path / "k"), cross_site_local_models=True)
+    cse = [w for w in _json(os.path.join(kept, "app", "config", "config_fed_server.json"))["workflows"]
+           if w["path"].endswith("CrossSiteModelEval")][0]
+    assert "submit_model_task_name" not in cse["args"]
 
     site = stage_job(src, str(tmp_path / "b"), code="site", name="fedavg_site")
     assert os.path.basename(site) == "fedavg_site"
