@@ -94,6 +94,9 @@ def available_models(run_dir: str) -> List[str]:
 def load_site_model(run_dir: str, site: str) -> TrainedModel:
     """A site's last local model, as cross-site evaluation kept it, with the global checkpoint's record."""
     from nvflare.apis.dxo import from_file
+    from nvflare.app_common.decomposers import common_decomposers
+
+    common_decomposers.register()  # numpy arrays in the kept DXO
 
     path = os.path.join(run_dir, SITE_MODELS_DIR, site)
     if not os.path.isfile(path):
