@@ -208,7 +208,8 @@ class SiteExecutor(Executor):
         if self.local_weights is None:
             self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
             return make_reply(ReturnCode.EMPTY_RESULT)
-        return DXO(DataKind.WEIGHTS, data=self.local_weights).to_shareable()
+        return DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in self.local_weights.items()}
+                   ).to_shareable()
 
     def result_kind(self) -> str:
         """``WEIGHT_DIFF`` if the job or the site's policy asks for weight differences, else ``WEIGHTS``."""
@@ -222,8 +223,8 @@ class SiteExecutor(Executor):
         selection) and the documented scalars in ``report``."""
         if self.result_kind() == DataKind.WEIGHT_DIFF:
             out = DXO(DataKind.WEIGHT_DIFF, data=weight_difference(self.local_weights, received))
-        else:
-            out = DXO(DataKind.WEIGHTS, data=self.local_weights)
+        else:  # a copy: FLARE's result filters edit the payload in place (ExcludeVars deletes keys)
+            out = DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in self.local_weights.items()})
         out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, n_train)
         out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         out.set_meta_prop(SITE_REPORT_KEY, report)

@@ -1,0 +1,81 @@
+"""End to end on the built-in benchmark: a FedAvg run in the FLARE simulator leaves self-describing checkpoints;
+medflare's inference on a site's test list reproduces that site's cross-site Dice; the exported MONAI bundle, run by
+MONAI's runner, gives the same label maps; a site's local model exports too."""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from medflare.data import SyntheticSegConfig
+from medflare.data.synthetic import ensure_site_dataset
+from medflare.bundle import export_bundle, verify_bundle
+from medflare.inference.inputs import segmentation_cases
+from medflare.inference.segmentation import Segmenter, segment_cases
+from medflare.trained_model import available_models, load_trained_model
+
+from flare_runs import error_lines, prepare_job, run_simulator
+from test_bundle import label_agreement, run_monai_bundle
+
+SITES = ["site-1", "site-2", "site-3"]
+SYNTHETIC = {"n_train": 24, "n_val": 8, "n_test": 8}
+
+
+@pytest.mark.slow
+def test_trained_model_is_described_reused_and_exported(tmp_path):
+    job = prepare_job("fedavg", str(tmp_path), num_rounds=2, client_args={"synthetic": SYNTHETIC})
+    ws = str(tmp_path / "ws")
+    proc = run_simulator(job, ws, n_clients=3)
+    assert proc.returncode == 0, open(ws + ".out").read()[-3000:]
+    assert not error_lines(ws), error_lines(ws)[:10]
+    run_dir = os.path.join(ws, "server", "simulate_job")
+
+    # provenance of both server checkpoints
+    assert available_models(run_dir) == ["global", "best_global", *SITES]
+    final, best = load_trained_model(ws, "global"), load_trained_model(ws, "best_global")
+    record = final.provenance
+    assert record["job"]["name"] == "fedavg" and record["checkpoint"] == {"model": "global", "rounds_completed": 2}
+    assert record["method"]["executor"]["path"] == "medflare.executors.SegmentationExecutor"
+    assert record["method"]["aggregator"]["path"] == "medflare.aggregators.WeightedAggregator"
+    assert record["preprocessing"]["spatial_size"] == [64, 64] and record["preprocessing"]["intensity"] == "minmax"
+    assert {s: v["n_samples"] for s, v in record["sites"].items()} == {s: 24 for s in SITES}
+    assert sorted(record["cross_site"]["matrix"]) == ["best_global", "global", *SITES]
+    assert best.provenance["checkpoint"]["model"] == "best_global"
+    assert 1 <= best.provenance["checkpoint"]["rounds_completed"] <= 2
+
+    # medflare's inference on site-1's test list: the training-resolution Dice is the cross-site number
+    with open(os.path.join(run_dir, "cross_site_val", "cross_val_results.json")) as f:
+        cross_site = json.load(f)["site-1"]["SRV_FL_global_model.pt"]
+    datalist = ensure_site_dataset(SyntheticSegConfig(**SYNTHETIC), 0).datalist
+    segmenter = Segmenter(final, torch.device("cpu"))
+    cases = segmentation_cases(datalist, key="test")
+    start = time.time()
+    segment_cases(segmenter, cases, str(tmp_path / "medflare_labelled"))
+    per_case = (time.time() - start) / len(cases)
+    summary = segmenter.summary()
+    print(f"site-1 test Dice: inference {summary['dice']['dice']:.6f} (native {summary['native_dice']['dice']:.6f}),"
+          f" cross-site evaluation {cross_site['dice']:.6f}; {per_case:.3f} s per case on CPU")
+    assert summary["dice"]["dice"] == pytest.approx(cross_site["dice"], abs=1e-6)
+    assert summary["dice"]["dice_lesion"] == pytest.approx(cross_site["dice_lesion"], abs=1e-6)
+
+    # the MONAI bundle of the global model, run by MONAI's runner, against medflare's inference
+    bundle = export_bundle(final, str(tmp_path / "bundle"))
+    assert verify_bundle(bundle)["net_in_out"] == "ok"
+    images = str(tmp_path / "images")
+    os.makedirs(images)
+    for case in cases:
+        shutil.copy(case.image, images)
+    run = run_monai_bundle(bundle, images, str(tmp_path / "monai_out"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    segment_cases(Segmenter(final, torch.device("cpu")), segmentation_cases(images), str(tmp_path / "medflare_out"))
+    agreement = label_agreement(str(tmp_path / "monai_out"), str(tmp_path / "medflare_out"))
+    print(f"voxel agreement, MONAI bundle vs medflare inference, {len(cases)} site-1 test images: {agreement:.6f}")
+    assert agreement >= 0.999
+
+    # a site's local model, kept by cross-site evaluation, exports the same way
+    site = load_trained_model(run_dir, "site-2")
+    assert site.provenance["cross_site"]["matrix"]["site-2"].keys() == set(SITES)
+    assert verify_bundle(export_bundle(site, str(tmp_path / "bundle_site2")))["weights"] == "ok"
