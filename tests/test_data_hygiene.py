@@ -19,6 +19,7 @@ from medflare.data.datalist import read_datalist
 from medflare.data.site_config import SITE_CONFIG_FILE
 from medflare.data.synthetic import write_benchmark
 from medflare.results import write_csv
+from test_datalist import _rewrite as _edit
 
 SIZE = (16, 16)
 SMALL = SyntheticSegConfig(n_train=4, n_val=2)
@@ -200,14 +201,6 @@ def _seg_site(tmp_path):
     return write_benchmark(SMALL, str(tmp_path / "bench"), sites=[0])[0]
 
 
-def _edit(datalist, mutate):
-    with open(datalist) as f:
-        data = json.load(f)
-    mutate(data)
-    with open(datalist, "w") as f:
-        json.dump(data, f)
-
-
 def test_segmentation_leakage_and_duplicates(tmp_path):
     site = _seg_site(tmp_path)
     local = _site_config(tmp_path, {"datalist": site.datalist})
@@ -315,3 +308,20 @@ def test_csv_outputs_are_escaped(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows[0]["site"] == 'a,"b"\nc' and rows[0]["dice"] == "0.5"
     assert rows[1]["site"] == "'=HYPERLINK(\"x\")" and rows[1]["dice"] == "-0.25"
+
+
+def test_segmentation_nan_voxels_and_wrong_dimensionality_name_the_file(tmp_path):
+    site = _seg_site(tmp_path)
+    with open(site.datalist) as f:
+        image = os.path.join(site.root, json.load(f)["training"][0]["image"])
+    img = nib.load(image)
+    arr = np.asarray(img.get_fdata(), dtype=np.float32)
+    arr[(0,) * arr.ndim] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), image)
+    cfg = resolve_site_config("hospital-a", _site_config(tmp_path, {"datalist": site.datalist, "cache": True}),
+                              MODALITIES)
+    with pytest.raises(DataError, match=r"site 'hospital-a' .*imagesTr/train_0000.nii.gz: image contains NaN"):
+        load_site_data(cfg, ImageSpec(), SMALL)
+    nib.save(nib.Nifti1Image(np.zeros(arr.shape + (4, 2), np.float32), img.affine), image)
+    with pytest.raises(DataError, match=r"spatial dimensions, expected 2"):
+        load_site_data(cfg, ImageSpec(), SMALL)

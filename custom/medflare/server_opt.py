@@ -19,7 +19,7 @@ templates' default, and the only choice for jobs that run on site-installed code
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Dict
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
@@ -38,7 +38,8 @@ class ServerOptimizer(PTFedOptModelShareableGenerator):
         **kwargs: :class:`PTFedOptModelShareableGenerator` arguments (``optimizer_args``, ``lr_scheduler_args``,
             ``device``; default device: CPU, which keeps results identical with and without a GPU on the server).
 
-    The server optimiser's state (e.g. momentum) lives in memory: a job restarted from a checkpoint starts it anew.
+    The server optimiser's state (e.g. momentum) is part of the server's resume checkpoint (:meth:`resume_state`,
+    :mod:`medflare.resume`), so a job resumed after a server crash continues with it.
     """
 
     def __init__(self, persistor_id: str = "persistor", device: str = "cpu", **kwargs: Any) -> None:
@@ -54,3 +55,16 @@ class ServerOptimizer(PTFedOptModelShareableGenerator):
                 return
             self.source_model = copy.deepcopy(model)
         super().handle_event(event_type, fl_ctx)
+
+    def resume_state(self) -> Dict[str, Any]:
+        """The server model's weights and the optimiser's (and learning-rate scheduler's) state."""
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
+
+    def load_resume_state(self, state: Dict[str, Any]) -> None:
+        """Continue from :meth:`resume_state` of an earlier run of the same job."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -13,12 +13,15 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_copy
 from nvflare.apis.signal import Signal
-from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .aggregators import AGGREGATION_WEIGHTS_KEY
 from .relay import encoder_part, relay_assignments, relay_wait_over
+from .resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state, save_resume_state,
+                     summary_before)
 from .reports import SITE_REPORT_KEY, clean_metrics
 from .results import RunSummary
 from .site_view import PEER_SITE_KEY, site_view
@@ -33,6 +36,11 @@ class MetricsScatterAndGather(ScatterAndGather):
 
     Args:
         key_metric: the metric the sites report for model selection and fairness (``"dice"``).
+        resume_from: a resume checkpoint (``medflare_resume.pt`` of an interrupted run; absolute, or relative to the
+            server's app folder) to continue from: the job starts at the checkpoint's next round with its global
+            model, fairness state, relay encoders, server optimiser state and run summary (see
+            :mod:`medflare.resume`). Empty: start afresh.
+        keep_resume_checkpoint: write ``<app folder>/medflare_resume.pt`` at the end of every round.
 
     ``wait_time_after_min_received`` defaults to 600 s: once ``min_clients`` sites have answered, a round still waits
     (up to that long) for every other site that received the task. With 0, a round closes on the first
@@ -41,10 +49,14 @@ class MetricsScatterAndGather(ScatterAndGather):
     where a dead site should cost less time.
     """
 
-    def __init__(self, *args: Any, key_metric: str = "dice", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key_metric: str = "dice", resume_from: str = "",
+                 keep_resume_checkpoint: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("wait_time_after_min_received", 600)
         super().__init__(*args, **kwargs)
         self.key_metric = key_metric
+        self.resume_from = resume_from
+        self.keep_resume_checkpoint = keep_resume_checkpoint
+        self._app_dir = ""
         self._site_metrics: Dict[str, Dict[str, Any]] = {}
         self._summary: Optional[RunSummary] = None
         self._tb = None
@@ -59,6 +71,51 @@ class MetricsScatterAndGather(ScatterAndGather):
             self._tb = SummaryWriter(os.path.join(run_dir, "tb_events", "server"))
         except ImportError:  # TensorBoard is optional for the server's own curves
             self.log_warning(fl_ctx, "tensorboard is not installed; server curves are written to metrics/ only")
+        self._app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
+        if self.resume_from:
+            path = os.path.join(self._app_dir, os.path.expanduser(self.resume_from))
+            try:
+                state = load_resume_state(path)
+                model = (self._global_weights or {}).get(ModelLearnableKey.WEIGHTS) or {}
+                check_resume_fits(state, path, model, self._start_round + self._num_rounds)
+                self.restore_resume_state(state, fl_ctx)
+            except ResumeError as e:
+                self.system_panic(f"cannot resume: {e}", fl_ctx)
+                return
+            self.log_info(fl_ctx, f"resumed from {path}: continuing with round {state.next_round} of "
+                                  f"{self._start_round + self._num_rounds}")
+
+    def resume_state(self) -> ResumeState:
+        """What a resumed job needs to continue after the round that just finished."""
+        weights = self._global_weights[ModelLearnableKey.WEIGHTS]
+        server_opt = getattr(self.shareable_gen, "resume_state", None)
+        return ResumeState(next_round=self._current_round + 1, num_rounds=self._start_round + self._num_rounds,
+                           weights=dict(weights), meta=dict(self._global_weights.get(ModelLearnableKey.META) or {}),
+                           server_optimizer=server_opt() if server_opt else None,
+                           summary=self._summary.data if self._summary is not None else None)
+
+    def restore_resume_state(self, state: ResumeState, fl_ctx: FLContext) -> None:
+        """Continue from ``state``: global model and meta, round, server optimiser, run summary."""
+        load_opt = getattr(self.shareable_gen, "load_resume_state", None)
+        if (state.server_optimizer is None) != (load_opt is None):
+            raise ResumeError("the checkpoint and this job differ in their server optimiser (shareable_generator); "
+                              "resume with the job that wrote the checkpoint")
+        if load_opt is not None:
+            load_opt(state.server_optimizer)
+        self._global_weights = make_model_learnable(state.weights, state.meta)
+        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self._global_weights, private=True, sticky=True)
+        self._current_round = state.next_round
+        if self._summary is not None and state.summary is not None:
+            self._summary.data = summary_before(state.summary, state.next_round)
+            self._summary.save()
+
+    def _save_resume_state(self, fl_ctx: FLContext) -> None:
+        if not self.keep_resume_checkpoint or not self._app_dir:
+            return
+        try:
+            save_resume_state(os.path.join(self._app_dir, RESUME_FILE), self.resume_state())
+        except Exception as e:  # losing the resume point must not stop the training
+            self.log_exception(fl_ctx, f"round {self._current_round}: could not write the resume checkpoint: {e}")
 
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
                              is_unknown_task: bool = False) -> bool:
@@ -85,6 +142,7 @@ class MetricsScatterAndGather(ScatterAndGather):
                 self._report_round(fl_ctx)
             except Exception as e:  # the report is for people: it never stops the round or the relay
                 self.log_exception(fl_ctx, f"round {self._current_round}: the round report failed: {e}")
+            self._save_resume_state(fl_ctx)
         elif event_type == AppEventType.ROUND_STARTED:
             self._site_metrics = {}
         elif event_type == EventType.BEFORE_TASK_DATA_FILTER:
@@ -222,12 +280,12 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
         for site in late:
             self.cancel_task(tasks[site], fl_ctx=fl_ctx)
 
-    def get_persist_state(self, fl_ctx: FLContext) -> dict:
-        """FLARE's snapshot of the controller also keeps the encoders to relay, so a resumed run relays them."""
-        state = super().get_persist_state(fl_ctx)
-        state["relay_encoders"] = self._encoders
+    def resume_state(self) -> ResumeState:
+        """The resume checkpoint also keeps the encoders to relay in the next round."""
+        state = super().resume_state()
+        state.relay_encoders = dict(self._encoders)
         return state
 
-    def restore(self, state_data: dict, fl_ctx: FLContext) -> None:
-        super().restore(state_data, fl_ctx)
-        self._encoders = state_data.get("relay_encoders") or {}
+    def restore_resume_state(self, state: ResumeState, fl_ctx: FLContext) -> None:
+        super().restore_resume_state(state, fl_ctx)
+        self._encoders = dict(state.relay_encoders)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import weight_difference
+from ..resume import torch_save_atomic
 from ..site_policy import RESEARCH_DEFAULT, PolicyError, SitePolicy, read_site_policy
 from ..workflows import SITE_REPORT_KEY
 
@@ -110,14 +110,8 @@ def read_state_file(path: str, site: str, required: Sequence[str],
 
 
 def save_state_atomic(state: Dict[str, Any], path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a client state file atomically (a crash while writing leaves the previous file)."""
+    torch_save_atomic(state, path)
 
 
 class SiteExecutor(Executor):
@@ -178,7 +172,7 @@ class SiteExecutor(Executor):
             self.log_info(fl_ctx, f"site policy from {self.policy.source}: training curves "
                                   f"{'sent to' if share_curves else 'kept from'} the server, local model "
                                   f"{'shared' if self.policy.share_local_model else 'not shared'} for cross-site "
-                                  f"evaluation, results as {self.result_kind()}")
+                                  f"evaluation, results as {getattr(self.result_kind(), 'value', self.result_kind())}")
 
     def _ensure_ready(self, fl_ctx: FLContext) -> None:
         raise NotImplementedError
