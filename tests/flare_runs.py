@@ -39,6 +39,17 @@ def add_result_filter(job: str, path: str, args: Dict[str, Any], tasks: Sequence
         json.dump(config, f, indent=1)
 
 
+def run_cleanly(job: str, workspace: str, n_clients: int) -> str:
+    """Run ``job`` in the simulator; assert it exits 0 with no ERROR line in any log; return its console output."""
+    proc = run_simulator(job, workspace, n_clients=n_clients)
+    with open(workspace + ".out") as f:
+        output = f.read()
+    assert proc.returncode == 0, output[-3000:]
+    errors = error_lines(workspace)
+    assert not errors, errors[:10]
+    return output
+
+
 def error_lines(workspace: str) -> List[str]:
     """ERROR/CRITICAL lines of every server and site log of a workspace."""
     lines = []

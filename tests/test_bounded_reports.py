@@ -16,7 +16,7 @@ from medflare import fairness as fr
 from medflare.aggregation import UpdateError, check_update, to_weights, weighted_average
 from medflare.aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
 from medflare.reports import (MAX_LOSS, SITE_REPORT_KEY, ReportError, bound_for, check_sample_count,
-                              check_statistics, clean_metrics, effective_sample_counts)
+                              check_statistics, clean_cross_site, clean_metrics, effective_sample_counts)
 from medflare.robust import RobustRule, robust_average, update_norm
 from medflare.site_view import SITE_WEIGHT_KEY, site_meta, site_view
 from test_fairness_aggregators import _ctx, initial_model, make, run_round, site_results
@@ -154,6 +154,15 @@ def test_statistic_checks_and_metric_cleaning():
     assert len(notes) == 4 and all("site 's'" in n for n in notes)
     assert bound_for("test_clean_bacc").high == 1.0 and bound_for("train_adv").low < 0
     assert bound_for("train_seconds") is None
+
+
+def test_out_of_range_cross_site_scores_never_enter_the_matrix():
+    results = {"site-1": {"SRV_FL_global_model.pt": {"dice": 0.5, "on_test_split": 1.0}},
+               "site-2": {"SRV_FL_global_model.pt": {"dice": 1e9, "dice_organ": 0.4}}}
+    cleaned, notes = clean_cross_site(results)
+    assert cleaned["site-2"]["SRV_FL_global_model.pt"] == {"dice_organ": 0.4}
+    assert cleaned["site-1"] == results["site-1"]
+    assert len(notes) == 1 and "site 'site-2'" in notes[0] and "'dice'" in notes[0]
 
 
 # --------------------------------------------------------------------------------------------------- robust rule

@@ -101,6 +101,13 @@ def test_segmentation_executors_send_exactly_these_keys(case, tmp_path):
     if case == "fedda-domain":
         report |= {"domain_acc", "train_adv", "train_head", "train_head_acc"}
     _check_outbound(result, set(weights), DICE, report)
+    if case == "segmentation":  # a result filter editing the payload in place leaves the site's own model whole
+        from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+        filtered = from_shareable(ExcludeVars(exclude_vars="^model\\.2\\.").process(result, FLContext()))
+        assert len(filtered.data) < len(weights) and set(ex.local_weights) == set(weights)
+        submitted = ex.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())
+        assert set(from_shareable(submitted).data) == set(weights)
 
 
 def test_classification_executor_sends_exactly_these_keys(tmp_path):
