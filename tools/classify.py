@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from model_cli import add_device_argument, add_model_arguments, device, load_model, progress, run_main
@@ -48,7 +47,7 @@ def main() -> int:
     start = time.time()
     rows = classifier.rows(cases, args.batch_size, on_batch=lambda done, total: progress(done, total))
     seconds = time.time() - start
-    write_csv(args.out, rows)
+    write_csv(os.path.abspath(args.out), rows)
     print(f"wrote {len(rows)} predictions to {args.out} in {seconds:.1f}s ({seconds / len(rows) * 1000:.1f} ms per "
           f"image on {classifier.device})")
     scores = accuracy(rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from model_cli import add_device_argument, add_model_arguments, device, load_model, progress, run_main

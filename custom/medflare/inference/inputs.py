@@ -186,7 +186,3 @@ def classification_cases(path: str, image_dir: Optional[str] = None,
         raise DataError(f"{path}: no DICOM, PNG/JPEG or NIfTI images in this folder")
     return [Case(f) for f in images], None
 
-
-def label_table(cases: Sequence[Case]) -> Dict[str, str]:
-    """``{image: label}`` of the cases whose label is known."""
-    return {c.image: c.label for c in cases if c.label is not None}
