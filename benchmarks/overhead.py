@@ -13,9 +13,13 @@ Runners:
 * ``bare``: :mod:`bare_loop` (one process, no messaging) with the segmentation jobs' training settings: the floor.
 * any job folder under ``jobs/`` (``fedavg``, ``fedda``, ``fedavg_cls``, ``fedism`` ...), run with
   ``nvflare simulator -n N -t N`` on its built-in benchmark (3 sites for segmentation, 4 for the fairness jobs).
+* ``JOB@N/T``: a fairness job with N sites (the paper setting of the classification benchmark: N clients, N/5 of
+  them corrupted) on T simulator workers; with T < N FLARE runs the sites' tasks in turn on T worker processes,
+  each site's state kept in its app folder between turns. This is how 20 to 100 sites fit on one small machine.
 
     python benchmarks/overhead.py                                    # bare, fedavg, fedda, fedavg_cls, fedism
     python benchmarks/overhead.py --runners bare fedavg --rounds 2 8 --repeats 2
+    python benchmarks/overhead.py --runners fedavg_cls@20/2 fedavg_cls@50/2 fedavg_cls@100/2 --rounds 1 2
 
 Prints a Markdown table (and writes it to ``--out`` with the raw timings as JSON). Do not run anything else on the
 machine meanwhile: the figures are wall times.
@@ -96,16 +100,32 @@ def run_measured(cmd: Sequence[str], log: str, sample_s: float, env: Optional[Di
     return seconds, peak[0]
 
 
+def parse_runner(runner: str) -> tuple:
+    """``"fedavg_cls@20/2"`` -> (job, sites, workers); a plain job name gets its benchmark's sites, one worker each."""
+    name, _, scale = runner.partition("@")
+    default_sites = FAIRNESS_SITES if name.endswith("_cls") or name.startswith("fedism") else SEGMENTATION_SITES
+    if not scale:
+        return name, default_sites, default_sites
+    sites, _, workers = scale.partition("/")
+    return name, int(sites), int(workers or sites)
+
+
 def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
     """The command (and environment) that makes ``runner`` do ``rounds`` rounds of the shared work."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if runner == "bare":
         return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
                 "--seeds", "0", "--set", *BARE_LOOP_SETTINGS], env
-    n_sites = FAIRNESS_SITES if runner.endswith("_cls") or runner.startswith("fedism") else SEGMENTATION_SITES
-    job = copy_job(runner, os.path.join(workdir, "job"), num_rounds=rounds, client_args={"seed": 0})
+    name, n_sites, workers = parse_runner(runner)
+    client_args: Dict[str, object] = {"seed": 0}
+    server_args = None
+    if "@" in runner:
+        client_args["synthetic"] = {"n_clients": n_sites, "n_corrupted": n_sites // 5}
+        server_args = {"min_clients": n_sites}
+    job = copy_job(name, os.path.join(workdir, "job"), num_rounds=rounds, client_args=client_args,
+                   server_args=server_args)
     ws = os.path.join(workdir, "ws")
-    return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(n_sites)], env
+    return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(workers)], env
 
 
 def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_s: float,
