@@ -1,7 +1,8 @@
 """Checks shared by the segmentation and classification data paths (pure functions, no FLARE).
 
-Every check raises :class:`DataError` (also importable from :mod:`medflare.data.datalist`) with a message that names the site, file or key at
-fault; checks that only warn return the warnings as strings, which the executors log.
+Every check raises :class:`DataError` (also importable from :mod:`medflare.data.datalist`) with a message that
+names the site, file or key at fault; checks that only warn return the warnings as strings, which the executors
+log.
 
 - typed config values (:func:`config_value`) and unknown keys (:func:`check_keys`): a typo such as ``val_fracton``
   or a value such as ``cache: "no"`` is an error, not a silent default;
