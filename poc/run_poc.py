@@ -233,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
         t = time.monotonic()
         started = True
         try:
-            run_cli(["poc", "start"], env, args.start_timeout, cli_log)
+            # FLARE's own readiness wait (30 s by default) is too short on a loaded host: give it ours
+            ready_wait = max(30, args.start_timeout - 20)
+            run_cli(["poc", "start", "--timeout", str(ready_wait)], env, args.start_timeout, cli_log)
         finally:
             tracker.add_pid_files(system["participants"])
             tracker.refresh()
