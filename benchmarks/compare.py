@@ -142,9 +142,7 @@ def run_federated(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
     dims = synthetic.get("spatial_dims", 2)
     image_args = {"spatial_dims": dims, "spatial_size": [synthetic.get("size", 64)] * dims} if dims != 2 else {}
     job = copy_job(name, os.path.join(run_dir, "job"), num_rounds=rounds,
-                   client_args={**overrides, **image_args, "seed": seed, "synthetic": synthetic},
-                   server_args={"min_clients": n_sites},
-                   component_args={"persistor": {"seed": seed, "model": {"spatial_dims": dims}}})
+                   client_args={**overrides, **image_args, "synthetic": synthetic}, seed=seed, n_sites=n_sites)
     ws = os.path.join(run_dir, "ws")
     proc = run_simulator(job, ws, n_clients=n_sites)
     run = os.path.join(ws, "server", "simulate_job")

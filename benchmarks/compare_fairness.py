@@ -63,16 +63,8 @@ def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], 
 
         shutil.rmtree(job_root)
     os.makedirs(run_dir, exist_ok=True)
-    job = copy_job(name, job_root, num_rounds=rounds,
-                   client_args={**client, "synthetic": {**synthetic, "seed": seed}, "seed": seed},
-                   server_args={"min_clients": n_clients},
-                   component_args={"persistor": {"seed": seed}, "aggregator": aggregator})
-    with open(os.path.join(job, "meta.json")) as f:
-        meta = json.load(f)
-    meta["min_clients"] = n_clients
-    with open(os.path.join(job, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return job
+    return copy_job(name, job_root, num_rounds=rounds, client_args={**client, "synthetic": {**synthetic, "seed": seed}},
+                    seed=seed, n_sites=n_clients, aggregator_args=aggregator)
 
 
 def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, out: str) -> Dict[str, Any]:

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Stage a job folder of ``jobs/`` for submission to a running FLARE system (POC or production).
 
-The staged copy is what ``nvflare job submit -j`` uploads. Two ways to get the code to the sites:
+The staged job is written from the job's spec (:mod:`medflare.jobspec`) with the changes asked for; it is what
+``nvflare job submit -j`` uploads. Its ``deploy_map`` targets ``@ALL`` sites (the system's sites have their own
+names), and the folder given must equal what the spec generates (``python tools/sync_jobs.py --check``), so the
+staged job is the job the folder shows. Two ways to get the code to the sites:
 
 * ``--code shipped`` (default): every app gets a fresh ``custom/medflare`` copied from ``custom/medflare``. The job
   is "bring your own code" (BYOC): the submitter's role needs the ``byoc`` right at every site.
@@ -31,23 +34,15 @@ import sys
 from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODE_SOURCE = os.path.join(ROOT, "custom", "medflare")
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
+sys.path.insert(0, os.path.join(ROOT, "custom"))
+
+from medflare.jobspec import folder_differences, get_job, write_job  # noqa: E402
+
+SERVER_SETTINGS = ("num_rounds", "min_clients", "server")
 
 
 class StageError(ValueError):
     """The job folder or the overrides are not acceptable."""
-
-
-def _load(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _dump(data: Dict[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
 
 
 def app_dirs(job_dir: str) -> List[str]:
@@ -70,17 +65,17 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
               num_rounds: Optional[int] = None, min_clients: Optional[int] = None,
               server_args: Optional[Dict[str, Any]] = None, executor_args: Optional[Dict[str, Any]] = None,
               cross_site_local_models: bool = False) -> str:
-    """Copy ``job`` to ``out_dir/<name>`` and apply the code mode and overrides; returns the staged folder.
+    """Write ``job``, changed, to ``out_dir/<name>`` from its spec; returns the staged folder.
 
     Args:
-        job: a job folder (``meta.json`` + app folders).
+        job: a job folder of ``jobs/`` (its name selects the spec; its configs must equal the spec's).
         out_dir: where to put the staged job (created).
         code: ``"shipped"`` (copy ``custom/medflare`` into each app) or ``"site"`` (no ``custom/`` folder).
         name: job name (folder and ``meta.json`` name); default: the source folder's name.
-        num_rounds: sets the server config's top-level ``num_rounds``.
-        min_clients: sets ``min_clients`` in ``meta.json`` and the server config's top-level ``min_clients``.
-        server_args: other top-level keys of ``config_fed_server.json`` to set.
-        executor_args: arguments merged into the (first) executor's ``args`` in ``config_fed_client.json``.
+        num_rounds: rounds of training.
+        min_clients: sites every round waits for (``min_clients`` of ``meta.json`` and the server config).
+        server_args: the same as keys of ``config_fed_server.json``: ``num_rounds``, ``min_clients``, ``server``.
+        executor_args: merged into the executor's arguments (see :func:`medflare.jobspec.merge_args`).
         cross_site_local_models: keep the job's cross-site evaluation of the sites' local models (default: switch
             it off, see the module docstring).
     """
@@ -89,67 +84,29 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
     job = os.path.abspath(job)
     if not os.path.isfile(os.path.join(job, "meta.json")):
         raise StageError(f"{job} is not a job folder (no meta.json)")
-    name = name or os.path.basename(job.rstrip(os.sep))
-    dest = os.path.join(os.path.abspath(out_dir), name)
+    try:
+        spec = get_job(os.path.basename(job.rstrip(os.sep)))
+    except ValueError as e:
+        raise StageError(str(e)) from e
+    diffs = folder_differences(spec, job)
+    if diffs:
+        raise StageError(f"{job} differs from its spec ({diffs}); edit medflare/jobspec.py and run "
+                         "python tools/sync_jobs.py")
+    settings = dict(server_args or {})
+    unknown = sorted(set(settings) - set(SERVER_SETTINGS))
+    if unknown:
+        raise StageError(f"server settings {unknown} cannot be changed; these can: {list(SERVER_SETTINGS)}")
+    changes: Dict[str, Any] = {"name": name or spec.name, "name_sites": False,
+                               "cross_site_local_models": cross_site_local_models}
+    for key, value in (("num_rounds", settings.get("num_rounds", num_rounds)),
+                       ("n_sites", settings.get("min_clients", min_clients)), ("server", settings.get("server"))):
+        if value is not None:
+            changes[key] = value
+    staged = spec.with_changes(executor_args=executor_args, **changes)
+    dest = os.path.join(os.path.abspath(out_dir), staged.name)
     if os.path.exists(dest):
         shutil.rmtree(dest)
-    shutil.copytree(job, dest, ignore=IGNORE)
-    apps = app_dirs(dest)
-    if not apps:
-        raise StageError(f"{job} has no app folder with a config/ folder")
-    for app in apps:
-        custom = os.path.join(app, "custom")
-        if os.path.lexists(custom):
-            shutil.rmtree(custom) if not os.path.islink(custom) else os.remove(custom)
-        if code == "shipped":
-            shutil.copytree(CODE_SOURCE, os.path.join(custom, "medflare"), ignore=IGNORE)
-
-    meta_path = os.path.join(dest, "meta.json")
-    meta = _load(meta_path)
-    meta["name"] = name
-    if min_clients is not None:
-        meta["min_clients"] = min_clients
-    _dump(meta, meta_path)
-
-    server_overrides = dict(server_args or {})
-    if num_rounds is not None:
-        server_overrides["num_rounds"] = num_rounds
-    if min_clients is not None:
-        server_overrides["min_clients"] = min_clients
-    for app in apps:
-        server_cfg = os.path.join(app, "config", "config_fed_server.json")
-        if os.path.isfile(server_cfg):
-            cfg = _load(server_cfg)
-            if "min_clients" in server_overrides and "min_clients" not in cfg:
-                server_overrides.pop("min_clients")
-            cfg.update(server_overrides)
-            if not cross_site_local_models:
-                set_cross_site_local_models(cfg, False)
-            _dump(cfg, server_cfg)
-        client_cfg = os.path.join(app, "config", "config_fed_client.json")
-        if executor_args and os.path.isfile(client_cfg):
-            cfg = _load(client_cfg)
-            try:
-                cfg["executors"][0]["executor"].setdefault("args", {}).update(executor_args)
-            except (KeyError, IndexError) as e:
-                raise StageError(f"{client_cfg} has no executor to set arguments on") from e
-            _dump(cfg, client_cfg)
-    return dest
-
-
-def set_cross_site_local_models(server_config: Dict[str, Any], enabled: bool) -> int:
-    """Switch the evaluation of local models of every ``CrossSiteModelEval`` workflow on or off (in place); returns
-    how many workflows were changed."""
-    changed = 0
-    for workflow in server_config.get("workflows") or []:
-        if str(workflow.get("path", "")).endswith(".CrossSiteModelEval"):
-            args = workflow.setdefault("args", {})
-            if enabled:
-                args.pop("submit_model_task_name", None)
-            else:
-                args["submit_model_task_name"] = ""
-            changed += 1
-    return changed
+    return write_job(staged, out_dir, code=code == "shipped")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -162,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-rounds", type=int)
     parser.add_argument("--min-clients", type=int)
     parser.add_argument("--server-arg", action="append", default=[], metavar="KEY=JSON",
-                        help="top-level key of config_fed_server.json (repeatable)")
+                        help="num_rounds, min_clients or server of config_fed_server.json (repeatable)")
     parser.add_argument("--executor-arg", action="append", default=[], metavar="KEY=JSON",
                         help="executor argument in config_fed_client.json (repeatable)")
     parser.add_argument("--cross-site-local-models", action="store_true",

@@ -1,71 +1,47 @@
-"""Copy a job folder with changed settings, and run it in the FLARE simulator (used by tests and benchmarks)."""
+"""Write a job with changed settings from the spec, and run it in the FLARE simulator (used by tests and
+benchmarks)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any, Dict, Optional
 
-from sync_jobs import ROOT, differences
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "custom"))
+
+from medflare.jobspec import get_job, write_job  # noqa: E402
 
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 
 
-def _edit_json(path: str, edit) -> None:
-    with open(path) as f:
-        config = json.load(f)
-    edit(config)
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
-
-
-def _merge(args: Dict[str, Any], changes: Dict[str, Any]) -> None:
-    """Set ``changes`` in ``args``; a dict value is merged into an existing dict (one level deep)."""
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(args.get(key), dict):
-            args[key] = {**args[key], **value}
-        else:
-            args[key] = value
-
-
 def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
              client_args: Optional[Dict[str, Any]] = None, server_args: Optional[Dict[str, Any]] = None,
-             component_args: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
-    """Copy ``jobs/<name>`` (whose shipped code must match ``custom/medflare``) to ``dest/<name>`` and change it.
+             aggregator_args: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
+             n_sites: Optional[int] = None) -> str:
+    """Write the job ``name`` of :data:`medflare.jobspec.JOBS`, changed, to ``dest/<name>`` with a fresh copy of
+    ``custom/medflare``; returns the job folder. Its ``deploy_map`` targets ``@ALL`` sites, so it runs with any
+    ``-n``.
 
     Args:
-        name: job folder name under ``jobs/``.
-        dest: folder to copy into.
-        num_rounds: rounds of training (server config).
+        name: job name (a folder under ``jobs/``).
+        dest: folder to write into.
+        num_rounds: rounds of training.
         client_args: merged into the executor's args (nested dicts such as ``synthetic`` are merged too).
-        server_args: top-level keys of the server config (e.g. ``min_clients``).
-        component_args: ``{component id: args}`` merged into server components (e.g. the persistor's ``seed``;
-            nested dicts such as the persistor's ``model`` are merged too).
+        server_args: ``{"min_clients": n}`` (the same as ``n_sites``).
+        aggregator_args: merged into the aggregator's args.
+        seed: seed of the initial model and of the sites (default: the job's).
+        n_sites: sites every round waits for (default: the job's).
     """
-    src = os.path.join(ROOT, "jobs", name)
-    diffs = differences(os.path.join(src, "app"))
-    if diffs:
-        raise RuntimeError(f"jobs/{name} would ship stale code ({diffs[:3]}); run python tools/sync_jobs.py")
-    job = os.path.join(dest, name)
-    shutil.copytree(src, job, ignore=shutil.ignore_patterns("__pycache__"))
-    config_dir = os.path.join(job, "app", "config")
-
-    def edit_server(config: Dict[str, Any]) -> None:
-        if num_rounds is not None:
-            config["num_rounds"] = num_rounds
-        config.update(server_args or {})
-        for component in config.get("components", []):
-            _merge(component.setdefault("args", {}), (component_args or {}).get(component["id"], {}))
-
-    def edit_client(config: Dict[str, Any]) -> None:
-        _merge(config["executors"][0]["executor"].setdefault("args", {}), client_args or {})
-
-    _edit_json(os.path.join(config_dir, "config_fed_server.json"), edit_server)
-    _edit_json(os.path.join(config_dir, "config_fed_client.json"), edit_client)
-    return job
+    extra = sorted(set(server_args or {}) - {"min_clients"})
+    if extra:
+        raise ValueError(f"server_args can only set min_clients, got {extra}")
+    n_sites = (server_args or {}).get("min_clients", n_sites)
+    changes = {k: v for k, v in (("num_rounds", num_rounds), ("seed", seed), ("n_sites", n_sites)) if v is not None}
+    spec = get_job(name).with_changes(executor_args=client_args, aggregator_args=aggregator_args,
+                                      name_sites=False, **changes)
+    return write_job(spec, dest)
 
 
 def run_simulator(job: str, workspace: str, n_clients: int = 3, threads: Optional[int] = None,

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Copy the single source of the code, ``custom/medflare``, into every job's ``app*/custom/medflare``.
+"""Generate the job folders under ``jobs/`` from the spec (:mod:`medflare.jobspec`) and ship the code in each.
 
-FLARE ships a job's ``app/custom`` folder with the job (simulator, POC and production alike), and its zip drops
-directory symlinks, so each job needs a real copy. Those copies are generated (git-ignored): edit
-``custom/medflare`` only, then run this script (the README's setup runs it).
+A job folder is ``meta.json`` plus ``app/config/*.json``, written from :data:`medflare.jobspec.JOBS` (committed), and
+``app/custom/medflare``, a copy of the single source of the code, ``custom/medflare`` (git-ignored: FLARE ships a
+job's ``app/custom`` folder with the job, and its zip drops directory symlinks, so each job needs a real copy).
+Edit ``custom/medflare`` (the spec included) only, then run this script (the README's setup runs it).
 
-    python tools/sync_jobs.py           # write the copies
-    python tools/sync_jobs.py --check   # exit 1, listing differences, if any job would ship other code
+    python tools/sync_jobs.py           # write every job's configs and code
+    python tools/sync_jobs.py --check   # exit 1, listing differences, if a job differs from the spec or the code
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
-import shutil
 import sys
-from typing import List
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "medflare"
+sys.path.insert(0, os.path.join(ROOT, "custom"))
+
+from medflare.flare_config import PACKAGE  # noqa: E402
+from medflare.jobspec import JOBS, folder_differences, write_job  # noqa: E402
+
 SOURCE = os.path.join(ROOT, "custom", PACKAGE)
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
+JOBS_DIR = os.path.join(ROOT, "jobs")
 
 
-def job_apps(jobs_dir: str = os.path.join(ROOT, "jobs")) -> List[str]:
+def job_apps(jobs_dir: str = JOBS_DIR) -> List[str]:
     """Every app folder (one with a ``config/`` folder) of every job under ``jobs_dir``."""
     apps = []
     for job in sorted(os.listdir(jobs_dir)):
@@ -58,28 +62,33 @@ def differences(app_dir: str) -> List[str]:
     return _tree_differences(SOURCE, target)
 
 
-def sync(app_dir: str) -> None:
-    target = os.path.join(app_dir, "custom", PACKAGE)
-    if os.path.lexists(target):
-        shutil.rmtree(target) if not os.path.islink(target) else os.remove(target)
-    shutil.copytree(SOURCE, target, ignore=IGNORE)
+def config_differences(jobs_dir: str = JOBS_DIR) -> Dict[str, List[str]]:
+    """``{job: files}`` whose committed text differs from what the spec generates (jobs missing or not in the spec
+    included)."""
+    found = {name for name in os.listdir(jobs_dir) if os.path.isfile(os.path.join(jobs_dir, name, "meta.json"))}
+    stale = {name: ["not in medflare.jobspec.JOBS"] for name in sorted(found - set(JOBS))}
+    for name, spec in JOBS.items():
+        diffs = folder_differences(spec, os.path.join(jobs_dir, name))
+        if diffs:
+            stale[name] = diffs
+    return stale
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only report jobs whose shipped code differs")
+    parser.add_argument("--check", action="store_true", help="only report jobs that differ from the spec or code")
     args = parser.parse_args()
-    stale = {}
+    if not args.check:
+        for spec in JOBS.values():
+            print(f"wrote {os.path.relpath(write_job(spec, JOBS_DIR), ROOT)} (configs and custom/{PACKAGE})")
+        return 0
+    stale = config_differences()
     for app in job_apps():
-        if args.check:
-            diffs = differences(app)
-            if diffs:
-                stale[os.path.relpath(app, ROOT)] = diffs
-        else:
-            sync(app)
-            print(f"synced custom/{PACKAGE} -> {os.path.relpath(app, ROOT)}/custom/{PACKAGE}")
-    for app, diffs in stale.items():
-        print(f"{app}: shipped code differs from custom/{PACKAGE} (run python tools/sync_jobs.py):")
+        diffs = differences(app)
+        if diffs:
+            stale.setdefault(os.path.basename(os.path.dirname(app)), []).extend(f"custom: {d}" for d in diffs)
+    for job, diffs in stale.items():
+        print(f"jobs/{job} differs from the spec or custom/{PACKAGE} (run python tools/sync_jobs.py):")
         for d in diffs[:20]:
             print(f"  {d}")
     return 1 if stale else 0
