@@ -84,7 +84,7 @@ class JobSpec:
     n_sites: int
     num_rounds: int = 20
     seed: int = 0
-    name_sites: bool = False
+    name_sites: bool = True
     cross_site_local_models: bool = True
     controller_args: Mapping[str, Any] = field(default_factory=dict)
     server: Mapping[str, Any] = field(default_factory=lambda: {"task_request_interval": 0.05})
