@@ -12,13 +12,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
 from medflare import fair_aggregators as fa
-from medflare import fairness as fr
+from medflare import keys
 from medflare.aggregation import UpdateError, check_update, to_weights, weighted_average
-from medflare.aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
-from medflare.reports import (MAX_LOSS, SITE_REPORT_KEY, ReportError, bound_for, check_sample_count,
+from medflare.aggregators import WeightedAggregator
+from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY, SITE_WEIGHT_KEY
+from medflare.reports import (MAX_LOSS, ReportError, bound_for, check_sample_count,
                               check_statistics, clean_cross_site, clean_metrics, effective_sample_counts)
 from medflare.robust import RobustRule, robust_average, update_norm
-from medflare.site_view import SITE_WEIGHT_KEY, site_meta, site_view
+from medflare.site_view import site_meta, site_view
 from test_fairness_aggregators import _ctx, initial_model, make, run_round, site_results
 
 FIVE = ["site-1", "site-2", "site-3", "site-4", "site-5"]
@@ -107,15 +108,15 @@ def test_unknown_parameter_and_unreadable_result_are_refused():
 
 # --------------------------------------------------------------------------------------------------- statistics
 @pytest.mark.parametrize("cls, key, value", [
-    (fa.FedISMAggregator, fr.SHARPNESS, 1e30),
-    (fa.FedCEAggregator, fr.FEDCE_MINUS_SCORE, -1e9),
-    (fa.AFLAggregator, fr.LOSS_GLOBAL, 1e30),
-    (fa.QFedAvgAggregator, fr.LOSS_GLOBAL, 1e200),
-    (fa.FairFedAggregator, fr.BACC_GLOBAL_TRAIN, 1.5),
-    (fa.FedGAAggregator, fr.LOSS_PREV_LOCAL, -2.0),
-    (fa.FedISMAggregator, fr.SHARPNESS, "0.5"),
-    (fa.AFLAggregator, fr.LOSS_GLOBAL, [1.0]),
-    (fa.FedGAAggregator, fr.PREV_LOCAL_ROUND, 0.5),
+    (fa.FedISMAggregator, keys.SHARPNESS, 1e30),
+    (fa.FedCEAggregator, keys.FEDCE_MINUS_SCORE, -1e9),
+    (fa.AFLAggregator, keys.LOSS_GLOBAL, 1e30),
+    (fa.QFedAvgAggregator, keys.LOSS_GLOBAL, 1e200),
+    (fa.FairFedAggregator, keys.BACC_GLOBAL_TRAIN, 1.5),
+    (fa.FedGAAggregator, keys.LOSS_PREV_LOCAL, -2.0),
+    (fa.FedISMAggregator, keys.SHARPNESS, "0.5"),
+    (fa.AFLAggregator, keys.LOSS_GLOBAL, [1.0]),
+    (fa.FedGAAggregator, keys.PREV_LOCAL_ROUND, 0.5),
 ])
 def test_out_of_range_statistic_is_refused_naming_the_site(cls, key, value):
     agg = make(cls)
@@ -132,7 +133,7 @@ def test_a_failing_rule_names_the_sites_instead_of_a_traceback():
     agg = make(fa.QFedAvgAggregator, q=400.0)  # F^q overflows for any loss above 6
     ctx = _ctx(0, initial_model())
     for site, (w, n, report) in site_results(0).items():
-        report[fr.LOSS_GLOBAL] = 10.0
+        report[keys.LOSS_GLOBAL] = 10.0
         assert agg.accept(_result(site, w, n, report), ctx)
     agg.aggregate(ctx)
     assert len(agg.panics) == 1
@@ -142,9 +143,9 @@ def test_a_failing_rule_names_the_sites_instead_of_a_traceback():
 
 
 def test_statistic_checks_and_metric_cleaning():
-    assert check_statistics("a", {fr.LOSS_GLOBAL: 2, fr.SHARPNESS: 0.1}) == {fr.LOSS_GLOBAL: 2.0, fr.SHARPNESS: 0.1}
-    with pytest.raises(ReportError, match=f"site 'a' reported '{fr.LOSS_GLOBAL}'"):
-        check_statistics("a", {fr.LOSS_GLOBAL: MAX_LOSS * 2})
+    assert check_statistics("a", {keys.LOSS_GLOBAL: 2, keys.SHARPNESS: 0.1}) == {keys.LOSS_GLOBAL: 2.0, keys.SHARPNESS: 0.1}
+    with pytest.raises(ReportError, match=f"site 'a' reported '{keys.LOSS_GLOBAL}'"):
+        check_statistics("a", {keys.LOSS_GLOBAL: MAX_LOSS * 2})
     with pytest.raises(ReportError, match="expected a mapping"):
         check_statistics("a", [1, 2])
     assert check_sample_count("a", np.int64(7)) == 7
@@ -306,7 +307,7 @@ def test_each_site_receives_only_its_own_weight_and_no_fairness_state():
     model, _ = run_round(agg, 1, model, site_results(1))
     sent = FullModelShareableGenerator().learnable_to_shareable(model, _ctx(2, model))
     full_meta = from_shareable(sent).meta
-    assert fa.STATE_KEY in full_meta and AGGREGATION_WEIGHTS_KEY in full_meta  # what the server keeps
+    assert keys.AGGREGATOR_STATE_KEY in full_meta and AGGREGATION_WEIGHTS_KEY in full_meta  # what the server keeps
     for site in ("site-2", "site-4"):
         copy = FullModelShareableGenerator().learnable_to_shareable(model, _ctx(2, model))
         meta = from_shareable(site_view(copy, site)).meta

@@ -119,10 +119,10 @@ def test_domain_head_model_exports_its_unet(tmp_path):
 
 def test_classifier_is_refused(tmp_path):
     from medflare.executors import ClassificationExecutor
-    from medflare.persistors import SegmentationModelPersistor
+    from medflare.persistors import ModelPersistor
     from medflare.provenance import executor_preprocessing
 
-    persistor = SegmentationModelPersistor(model={"name": "tiny_cnn"},
+    persistor = ModelPersistor(model={"name": "tiny_cnn"},
                                            preprocessing=executor_preprocessing(ClassificationExecutor()))
     model = load_checkpoint(write_checkpoint(str(tmp_path / "ckpt.pt"), persistor))
     with pytest.raises(BundleError, match="holds a classification model; bundle export supports segmentation"):

@@ -15,7 +15,7 @@ from medflare.classification.loaders import read_image
 from medflare.data.datalist import DataError
 from medflare.inference.classification import Classifier, accuracy
 from medflare.inference.inputs import classification_cases
-from medflare.persistors import SegmentationModelPersistor
+from medflare.persistors import ModelPersistor
 from medflare.provenance import executor_preprocessing
 from medflare.trained_model import load_checkpoint
 
@@ -30,7 +30,7 @@ def classifier_model(tmp_path_factory):
     from medflare.executors import ClassificationExecutor
 
     executor = ClassificationExecutor(spatial_size=(32, 32))
-    persistor = SegmentationModelPersistor(model={"name": "tiny_cnn", "in_channels": 1, "num_classes": 4},
+    persistor = ModelPersistor(model={"name": "tiny_cnn", "in_channels": 1, "num_classes": 4},
                                            preprocessing=executor_preprocessing(executor))
     path = str(tmp_path_factory.mktemp("cls") / "FL_global_model.pt")
     return load_checkpoint(write_checkpoint(path, persistor))

@@ -11,8 +11,8 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
+from medflare.keys import PEER_SITE_KEY, SITE_REPORT_KEY
 from medflare.networks import FeatureUNet
-from medflare.workflows import PEER_SITE_KEY, SITE_REPORT_KEY
 
 SMALL = {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4}, "batch_size": 4}
 DOMAIN_MODEL = {"name": "unet_domain", "n_domains": 3}

@@ -20,8 +20,8 @@ from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersisten
 
 from medflare import fairness as fr
 from medflare import fair_aggregators as fa
-from medflare.aggregators import AGGREGATION_WEIGHTS_KEY
-from medflare.workflows import SITE_REPORT_KEY
+from medflare import keys
+from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = ["site-1", "site-2", "site-3", "site-4"]
@@ -83,9 +83,9 @@ def site_results(round_num, sites=SITES):
                    "bn.running_var": rs.uniform(0.5, 2, 2).astype(np.float32),
                    "bn.num_batches_tracked": np.array(4 * (round_num + 1), np.int64)},
                   [32, 64, 32, 16][k],
-                  {fr.SHARPNESS: [0.01, 0.02, 0.05, 0.1][k] * (1 + round_num), fr.LOSS_GLOBAL: [0.5, 1.0, 1.5, 2.0][k],
-                   fr.BACC_GLOBAL_TRAIN: [0.9, 0.8, 0.6, 0.5][k], fr.LOSS_PREV_LOCAL: [0.4, 0.5, 0.6, 0.7][k],
-                   fr.PREV_LOCAL_ROUND: round_num - 1, fr.FEDCE_MINUS_SCORE: [0.7, 0.6, 0.5, 0.4][k]})
+                  {keys.SHARPNESS: [0.01, 0.02, 0.05, 0.1][k] * (1 + round_num), keys.LOSS_GLOBAL: [0.5, 1.0, 1.5, 2.0][k],
+                   keys.BACC_GLOBAL_TRAIN: [0.9, 0.8, 0.6, 0.5][k], keys.LOSS_PREV_LOCAL: [0.4, 0.5, 0.6, 0.7][k],
+                   keys.PREV_LOCAL_ROUND: round_num - 1, keys.FEDCE_MINUS_SCORE: [0.7, 0.6, 0.5, 0.4][k]})
     return out
 
 
@@ -104,14 +104,14 @@ def test_fedism_weights_and_ema_state_through_flare():
     agg = make(fa.FedISMAggregator, q=2.0, beta=0.5)
     model = initial_model()
     model, out0 = run_round(agg, 0, model, site_results(0))
-    w0 = fr.fedism_weights({s: r[2][fr.SHARPNESS] for s, r in site_results(0).items()}, 2.0, 0.5)
+    w0 = fr.fedism_weights({s: r[2][keys.SHARPNESS] for s, r in site_results(0).items()}, 2.0, 0.5)
     assert out0.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(w0)
     expected = sum(w0[s] * r[0]["w"].astype(np.float64) for s, r in site_results(0).items())
     np.testing.assert_allclose(out0.data["w"], expected, rtol=1e-5)
     # the state travels in the global model's meta
-    assert model[ModelLearnableKey.META][fa.STATE_KEY]["state"]["weights"] == pytest.approx(w0)
+    assert model[ModelLearnableKey.META][keys.AGGREGATOR_STATE_KEY]["state"]["weights"] == pytest.approx(w0)
     model, out1 = run_round(agg, 1, model, site_results(1))
-    w1 = fr.fedism_weights({s: r[2][fr.SHARPNESS] for s, r in site_results(1).items()}, 2.0, 0.5, prev=w0)
+    w1 = fr.fedism_weights({s: r[2][keys.SHARPNESS] for s, r in site_results(1).items()}, 2.0, 0.5, prev=w0)
     assert out1.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(w1)
 
 
@@ -122,7 +122,7 @@ def test_qfedavg_update_uses_the_global_model():
     data = site_results(0)
     _, out = run_round(agg, 0, model, data)
     expected, _ = fr.qfedavg_update(received, {s: d[0] for s, d in data.items()},
-                                    {s: d[2][fr.LOSS_GLOBAL] for s, d in data.items()}, 1.0, 1.0)
+                                    {s: d[2][keys.LOSS_GLOBAL] for s, d in data.items()}, 1.0, 1.0)
     np.testing.assert_allclose(out.data["w"], expected["w"], rtol=1e-6)
 
 
@@ -132,9 +132,9 @@ def test_fedga_uses_only_gaps_of_the_previous_round():
     assert out0.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx({s: 0.25 for s in SITES})
     data = site_results(1)
     stale = data["site-4"][2]
-    stale[fr.PREV_LOCAL_ROUND] = -5  # a local model from long ago is not a gap of this aggregation
+    stale[keys.PREV_LOCAL_ROUND] = -5  # a local model from long ago is not a gap of this aggregation
     _, out1 = run_round(agg, 1, model, data)
-    gaps = {s: d[2][fr.LOSS_GLOBAL] - d[2][fr.LOSS_PREV_LOCAL] for s, d in data.items() if s != "site-4"}
+    gaps = {s: d[2][keys.LOSS_GLOBAL] - d[2][keys.LOSS_PREV_LOCAL] for s, d in data.items() if s != "site-4"}
     expected = fr.fedga_weights(gaps, {s: 0.25 for s in SITES}, 0, 10, 0.05, present=SITES)
     assert out1.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(expected)
 
@@ -163,7 +163,7 @@ def test_resumed_run_continues_with_the_saved_state(cls, kw, tmp_path):
     expected = straight.get_meta_prop(AGGREGATION_WEIGHTS_KEY)
     assert resumed.get_meta_prop(AGGREGATION_WEIGHTS_KEY) == pytest.approx(expected)
     np.testing.assert_allclose(resumed.data["w"], straight.data["w"], rtol=1e-5)
-    assert resumed.get_meta_prop(fa.STATE_KEY)["round"] == 2
+    assert resumed.get_meta_prop(keys.AGGREGATOR_STATE_KEY)["round"] == 2
 
 
 @pytest.mark.parametrize("cls,kw", AGGREGATORS, ids=[f"{c.__name__}-{k}" for c, k in AGGREGATORS])
@@ -171,13 +171,13 @@ def test_a_site_missing_a_round(cls, kw):
     """The weights cover the sites that answered; a stateful rule keeps the absent site's state for its return."""
     agg = make(cls, **kw)
     model, _ = run_round(agg, 0, initial_model(), site_results(0))
-    before = model[ModelLearnableKey.META][fa.STATE_KEY]["state"]
+    before = model[ModelLearnableKey.META][keys.AGGREGATOR_STATE_KEY]["state"]
     model, out = run_round(agg, 1, model, site_results(1, SITES[:3]))
     weights = out.get_meta_prop(AGGREGATION_WEIGHTS_KEY)
     assert sorted(weights) == SITES[:3]
     if cls is not fa.QFedAvgAggregator or kw.get("mode") == "weights":
         assert sum(weights.values()) == pytest.approx(1.0)
-    after = model[ModelLearnableKey.META][fa.STATE_KEY]["state"]
+    after = model[ModelLearnableKey.META][keys.AGGREGATOR_STATE_KEY]["state"]
     for key in ("weights", "lambda", "coef"):
         if key in before:
             assert after[key]["site-4"] == pytest.approx(before[key]["site-4"])
@@ -189,11 +189,11 @@ def test_missing_statistic_stops_the_run_naming_the_site():
     agg = make(fa.FedISMAggregator)
     ctx = _ctx(0, initial_model())
     data = site_results(0)
-    data["site-2"][2].pop(fr.SHARPNESS)
+    data["site-2"][2].pop(keys.SHARPNESS)
     for site, (w, n, report) in data.items():
         agg.accept(_result(site, w, n, report, 0), ctx)
     agg.aggregate(ctx)
-    assert agg.panics and "site-2" in agg.panics[0] and fr.SHARPNESS in agg.panics[0]
+    assert agg.panics and "site-2" in agg.panics[0] and keys.SHARPNESS in agg.panics[0]
 
 
 BLOCKER = r"""

@@ -22,7 +22,7 @@ SERVER_CONFIG = {
     "workflows": [{"id": "sag", "path": "medflare.workflows.MetricsScatterAndGather",
                    "args": {"num_rounds": "{num_rounds}", "min_clients": 3}}],
     "components": [{"id": "aggregator", "path": "medflare.aggregators.WeightedAggregator", "args": {}},
-                   {"id": "persistor", "path": "medflare.persistors.SegmentationModelPersistor", "args": {}}],
+                   {"id": "persistor", "path": "medflare.persistors.ModelPersistor", "args": {}}],
 }
 CLIENT_CONFIG = {"executors": [{"tasks": ["train"], "executor": {"path": "medflare.executors.SegmentationExecutor",
                                                                   "args": {"fedprox_mu": 0.01}}}]}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flare_runs import REPO, error_lines, prepare_job, run_simulator
-from medflare.fair_aggregators import STATE_KEY
+from medflare.keys import AGGREGATOR_STATE_KEY as STATE_KEY
 from medflare.resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state,
                              save_resume_state, summary_before)
 

@@ -13,11 +13,11 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
 from medflare.executors import AdversarialAlignmentExecutor, ClassificationExecutor, SegmentationExecutor
-from medflare.fair_aggregators import STATE_KEY
+from medflare.keys import (AGGREGATION_WEIGHTS_KEY, AGGREGATOR_STATE_KEY, PEER_SITE_KEY, SITE_REPORT_KEY,
+                           SITE_WEIGHT_KEY)
 from medflare.networks import FeatureUNet, build_model
-from medflare.reports import SITE_REPORT_KEY
 from medflare.site_policy import parse_site_policy
-from medflare.site_view import AGGREGATION_WEIGHTS_KEY, PEER_SITE_KEY, SITE_WEIGHT_KEY, site_view
+from medflare.site_view import site_view
 
 SEG = {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4}, "batch_size": 4}
 CLS = {"synthetic": {"n_train": 16, "n_val": 8, "n_test": 8, "seed": 0}, "batch_size": 8, "global_test_sites": [],
@@ -42,7 +42,7 @@ def _server_task(weights, site, round_num=0, peer=None):
     """A train task as the server sends it to ``site``: the global model with the server's full bookkeeping in its
     meta (every site's weight, a fairness rule's per-site state), restricted by the controller for ``site``."""
     meta = {AGGREGATION_WEIGHTS_KEY: {"site-1": 0.3, "site-2": 0.7, "site-3": 0.0},
-            STATE_KEY: {"rule": "fedce", "round": round_num - 1,
+            AGGREGATOR_STATE_KEY: {"rule": "fedce", "round": round_num - 1,
                         "state": {"minus": {"site-2": [0.4]}, "cos": {"site-2": [0.1]}}}}
     model = make_model_learnable(weights, meta)
     task = FullModelShareableGenerator().learnable_to_shareable(model, FLContext())

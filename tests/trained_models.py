@@ -1,6 +1,6 @@
 """Trained checkpoints for fast tests, written by the persistor's own save path (no FLARE run).
 
-The network comes from :class:`medflare.persistors.SegmentationModelPersistor`, the preprocessing record from the
+The network comes from :class:`medflare.persistors.ModelPersistor`, the preprocessing record from the
 job's executor (:func:`medflare.provenance.executor_preprocessing`, as the persistor reads it at the server), and the
 file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
 """
@@ -18,11 +18,11 @@ from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersisten
 from medflare.data import SyntheticSegConfig
 from medflare.data.datalist import load_items, read_datalist
 from medflare.data.synthetic import ensure_site_dataset
-from medflare.persistors import SegmentationModelPersistor
+from medflare.persistors import ModelPersistor
 from medflare.provenance import executor_preprocessing
 
 
-def write_checkpoint(path: str, persistor: SegmentationModelPersistor, model_name: str = "global",
+def write_checkpoint(path: str, persistor: ModelPersistor, model_name: str = "global",
                      rounds: int = 3) -> str:
     """Save the persistor's current network as a checkpoint with its provenance record."""
     persistor.persistence_manager = PTModelPersistenceFormatManager(
@@ -34,13 +34,13 @@ def write_checkpoint(path: str, persistor: SegmentationModelPersistor, model_nam
 
 
 def segmentation_persistor(executor_args: Optional[Dict[str, Any]] = None,
-                           model: Optional[Dict[str, Any]] = None, seed: int = 0) -> SegmentationModelPersistor:
+                           model: Optional[Dict[str, Any]] = None, seed: int = 0) -> ModelPersistor:
     """A persistor whose model fits a ``SegmentationExecutor(**executor_args)`` and records its preprocessing."""
     from medflare.executors import SegmentationExecutor
 
     executor = SegmentationExecutor(**(executor_args or {}))
     spec = {"name": executor.model_name, **executor.model_args, **(model or {})}
-    persistor = SegmentationModelPersistor(model=spec, seed=seed, preprocessing=executor_preprocessing(executor))
+    persistor = ModelPersistor(model=spec, seed=seed, preprocessing=executor_preprocessing(executor))
     persistor.model.eval()
     return persistor
 
@@ -52,7 +52,7 @@ def synthetic_datalist(size: int = 48, n_train: int = 16, n_test: int = 6, spati
     return ensure_site_dataset(config, site_index).datalist
 
 
-def train_briefly(persistor: SegmentationModelPersistor, datalist: str, epochs: int = 3) -> None:
+def train_briefly(persistor: ModelPersistor, datalist: str, epochs: int = 3) -> None:
     """A few epochs of local training on a datalist's training list, so that Dice scores are not trivial."""
     from medflare.inference.segmentation import image_spec
     from medflare.training import SegmentationTrainer

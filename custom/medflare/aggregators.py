@@ -27,10 +27,10 @@ from nvflare.app_common.app_constant import AppConstants
 
 from .aggregation import (MAX_ABS_VALUE, UpdateError, check_update, fill_missing, sample_weights, to_weights,
                           weight_difference, weighted_average)
-from .reports import (DEFAULT_MAX_SAMPLE_RATIO, SITE_REPORT_KEY, ReportError, check_sample_count, check_statistics,
+from .keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY
+from .reports import (DEFAULT_MAX_SAMPLE_RATIO, ReportError, check_sample_count, check_statistics,
                       effective_sample_counts)
 from .robust import RobustRule, clip_update, robust_average
-from .site_view import AGGREGATION_WEIGHTS_KEY
 
 ACCEPTED_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 

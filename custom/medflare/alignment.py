@@ -104,8 +104,7 @@ class AdversarialSegmentationTrainer(SegmentationTrainer):
         super().__init__(model, device, **kwargs)
         self.discriminator = FeatureDiscriminator(model.dimensions, model.feature_channels, disc_hidden).to(device)
         self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr, betas=(0.9, 0.99))
-        self.adv_weight = adv_weight
-        self.current_weight = adv_weight
+        self.current_weight = adv_weight  # the executor sets each round's value (warm-up ramp)
         self.target_encoder: Optional[FeatureUNet] = None
 
     def set_target(self, weights: Dict[str, torch.Tensor]) -> None:
@@ -203,8 +202,8 @@ class DomainAdversarialTrainer(SegmentationTrainer):
         if not 0 <= domain_index < model.n_domains:
             raise ValueError(f"domain index {domain_index} is outside the model's {model.n_domains} domains")
         self.domain_index = domain_index
-        self.adv_weight, self.head_lr = adv_weight, head_lr
-        self.current_weight = adv_weight
+        self.head_lr = head_lr
+        self.current_weight = adv_weight  # the executor sets each round's value (warm-up ramp)
         self.received_head: Optional[nn.Module] = None
         self._pooled: list = []
         self._head_steps = 0

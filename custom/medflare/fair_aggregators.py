@@ -6,7 +6,7 @@ the scalars the sites report in ``meta["medflare_report"]`` (see
 sites received. Nothing here touches site data.
 
 State across rounds (EMA weights, mixture weights, histories) is not kept in the aggregator object: it is written
-into the aggregated model's meta under :data:`STATE_KEY`, FLARE's ``FullModelShareableGenerator`` stores that meta
+into the aggregated model's meta under :data:`AGGREGATOR_STATE_KEY`, FLARE's ``FullModelShareableGenerator`` stores that meta
 with the global model and ``PTFileModelPersistor`` saves it in the checkpoint's ``meta_props``; every round the rule
 reads it back from the global model it is updating. A run resumed from a checkpoint therefore continues with the
 state of the round it stopped at, and a restarted server process loses nothing.
@@ -25,16 +25,15 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from . import fairness as fr
+from . import keys
 from .aggregators import WeightedAggregator
-from .reports import SITE_REPORT_KEY
-
-STATE_KEY = "medflare_aggregator_state"
+from .keys import AGGREGATOR_STATE_KEY, SITE_REPORT_KEY
 
 
 def stored_state(global_model: Optional[Dict[str, Any]], rule: str) -> Tuple[Dict[str, Any], Optional[int]]:
     """The state ``rule`` left in a global model's meta, and the round it was written in (``({}, None)`` if none)."""
     meta = (global_model or {}).get(ModelLearnableKey.META) or {}
-    entry = meta.get(STATE_KEY) or {}
+    entry = meta.get(AGGREGATOR_STATE_KEY) or {}
     if entry.get("rule") != rule:
         return {}, None
     return dict(entry.get("state") or {}), entry.get("round")
@@ -69,7 +68,7 @@ class FairAggregator(WeightedAggregator):
             self.log_info(fl_ctx, f"round {rnd}: continuing from the {self.rule_name} state of round {state_round}")
         reports = {s: dict(m.get(SITE_REPORT_KEY) or {}) for s, m in self.metas.items()}
         weights, new_state, data = self.rule(reports, self.sample_counts(fl_ctx), state, fl_ctx)
-        return weights, data, {STATE_KEY: {"rule": self.rule_name, "round": rnd, "state": new_state}}
+        return weights, data, {AGGREGATOR_STATE_KEY: {"rule": self.rule_name, "round": rnd, "state": new_state}}
 
 
 def _stat(reports: Dict[str, Dict[str, Any]], key: str) -> Dict[str, float]:
@@ -92,7 +91,7 @@ class FedISMAggregator(FairAggregator):
 
     def rule(self, reports, n_samples, state, fl_ctx):
         prev = state.get("weights")
-        weights = fr.fedism_weights(_stat(reports, fr.SHARPNESS), self.q, self.beta, prev)
+        weights = fr.fedism_weights(_stat(reports, keys.SHARPNESS), self.q, self.beta, prev)
         return weights, {"weights": fr.merge_state(prev, weights)}, None
 
 
@@ -110,7 +109,7 @@ class AFLAggregator(FairAggregator):
         self.lambda_lr = lambda_lr
 
     def rule(self, reports, n_samples, state, fl_ctx):
-        used, mixture = fr.afl_step(_stat(reports, fr.LOSS_GLOBAL), state.get("lambda"), self.lambda_lr)
+        used, mixture = fr.afl_step(_stat(reports, keys.LOSS_GLOBAL), state.get("lambda"), self.lambda_lr)
         return used, {"lambda": mixture}, None
 
 
@@ -137,7 +136,7 @@ class QFedAvgAggregator(FairAggregator):
         self.q, self.lipschitz, self.mode = q, lipschitz, mode
 
     def rule(self, reports, n_samples, state, fl_ctx):
-        losses = _stat(reports, fr.LOSS_GLOBAL)
+        losses = _stat(reports, keys.LOSS_GLOBAL)
         if self.mode == "weights":
             return fr.qffl_weights(losses, self.q), {}, None
         reference = self.reference_weights(fl_ctx)
@@ -160,7 +159,7 @@ class FairFedAggregator(FairAggregator):
 
     def rule(self, reports, n_samples, state, fl_ctx):
         prev = state.get("weights")
-        weights = fr.fairfed_weights(_stat(reports, fr.BACC_GLOBAL_TRAIN), n_samples, prev, self.beta)
+        weights = fr.fairfed_weights(_stat(reports, keys.BACC_GLOBAL_TRAIN), n_samples, prev, self.beta)
         return weights, {"weights": fr.merge_state(prev, weights)}, None
 
 
@@ -184,8 +183,8 @@ class FedGAAggregator(FairAggregator):
         num_rounds = int(fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or rnd + 1)
         gaps = {}
         for site, r in reports.items():
-            if r.get(fr.LOSS_PREV_LOCAL) is not None and r.get(fr.PREV_LOCAL_ROUND) == rnd - 1:
-                gaps[site] = float(r[fr.LOSS_GLOBAL]) - float(r[fr.LOSS_PREV_LOCAL])
+            if r.get(keys.LOSS_PREV_LOCAL) is not None and r.get(keys.PREV_LOCAL_ROUND) == rnd - 1:
+                gaps[site] = float(r[keys.LOSS_GLOBAL]) - float(r[keys.LOSS_PREV_LOCAL])
         prev = state.get("weights")
         weights = fr.fedga_weights(gaps, prev, max(rnd - 1, 0), num_rounds, self.step, present=reports)
         return weights, {"weights": fr.merge_state(prev, weights)}, None
@@ -208,10 +207,10 @@ class FedCEAggregator(FairAggregator):
 
     def rule(self, reports, n_samples, state, fl_ctx):
         reference = self.reference_weights(fl_ctx)
-        keys = [k for k in sorted(reference) if fr.is_trainable_key(k)
+        param_keys = [k for k in sorted(reference) if fr.is_trainable_key(k)
                 and np.issubdtype(np.asarray(reference[k]).dtype, np.floating)]
-        diffs = {s: {k: np.asarray(u[k], np.float64) - np.asarray(reference[k], np.float64) for k in keys}
+        diffs = {s: {k: np.asarray(u[k], np.float64) - np.asarray(reference[k], np.float64) for k in param_keys}
                  for s, u in self.full_updates(reference).items()}
-        scores = {s: r.get(fr.FEDCE_MINUS_SCORE) for s, r in reports.items()}
-        weights, new_state = fr.fedce_step(diffs, scores, state, keys, self.mode)
+        scores = {s: r.get(keys.FEDCE_MINUS_SCORE) for s, r in reports.items()}
+        weights, new_state = fr.fedce_step(diffs, scores, state, param_keys, self.mode)
         return weights, new_state, None

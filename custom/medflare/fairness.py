@@ -20,16 +20,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .aggregation import Weights, weighted_average
-
-# keys of the per-site report (``meta["medflare_report"]``) that the server rules read
-LOSS_GLOBAL = "loss_global"            # mean plain CE of the received global model w^t on the site's training set
-BACC_GLOBAL_TRAIN = "bacc_global_train"  # balanced accuracy of w^t on the site's training set (FairFed)
-SHARPNESS = "sharpness"                # S_i = L_i(w^t + eps_i) - L_i(w^t) (FedISM)
-LOSS_PREV_LOCAL = "loss_prev_local"    # CE of the site's previous local model w_i^t on its training set (FedGA)
-PREV_LOCAL_ROUND = "prev_local_round"  # the round that previous local model was trained in
-FEDCE_MINUS_SCORE = "fedce_minus_score"  # balanced accuracy of the minus model (FedCE data-space score)
-N_TRAIN = "n_train"
+from .aggregation import Weights
 
 EPS = 1e-10
 
@@ -343,8 +334,3 @@ def minus_model(global_weights: Weights, prev_local: Weights, coef: float) -> Di
 def is_trainable_key(name: str) -> bool:
     """State-dict entries that are parameters (not BatchNorm statistics or counters)."""
     return not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
-
-
-def average(updates: Mapping[str, Weights], weights: Mapping[str, float]) -> Dict[str, np.ndarray]:
-    """Weighted average of full models (every state-dict entry, as FFL4MIA)."""
-    return weighted_average(updates, weights)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .flare_config import Component, check_component, dump_json, ship_code
 
-PERSISTOR = "medflare.persistors.SegmentationModelPersistor"
+PERSISTOR = "medflare.persistors.ModelPersistor"
 CROSS_SITE_EVAL = "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval"
 APP = "app"
 ALL_SITES = "@ALL"

@@ -4,6 +4,8 @@
 its checkpoints load into a plain MONAI UNet) with three additions: :meth:`FeatureUNet.forward_with_features`
 returns the logits together with the bottleneck feature map, :meth:`FeatureUNet.encode` returns only the features
 (skipping the decoder), and :meth:`FeatureUNet.encoder_keys` names the encoder's entries of the ``state_dict``.
+
+:data:`MODEL_REGISTRY` and :func:`build_model` are the one registry of every network medflare builds by name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import UNet
 from torch import nn
+
+from .classification.models import CLASSIFIER_REGISTRY
 
 
 class _EncoderDone(Exception):
@@ -140,7 +144,10 @@ class DomainHeadUNet(FeatureUNet):
         return (head or self.domain_head)(self.standardise(self.pool(features)))
 
 
-MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}
+SEGMENTATION_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}
+MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {**SEGMENTATION_REGISTRY, **CLASSIFIER_REGISTRY}
+"""Every network a job, a checkpoint or a command line names: the segmentation networks above and the classifiers
+of the fairness suite (:data:`medflare.classification.models.CLASSIFIER_REGISTRY`)."""
 
 
 def build_model(name: str = "unet", **kwargs: Any) -> nn.Module:
@@ -148,8 +155,3 @@ def build_model(name: str = "unet", **kwargs: Any) -> nn.Module:
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model '{name}'; available: {sorted(MODEL_REGISTRY)}")
     return MODEL_REGISTRY[name](**kwargs)
-
-# classifiers of the fairness suite (medflare.classification.models)
-from .classification.models import CLASSIFIER_REGISTRY  # noqa: E402
-
-MODEL_REGISTRY.update(CLASSIFIER_REGISTRY)

@@ -18,9 +18,10 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from . import provenance as prov
+from .atomic import torch_save_atomic
 from .classification.models import CLASSIFIER_REGISTRY
 from .networks import build_model
-from .workflows import SITE_REPORT_KEY
+from .keys import SITE_REPORT_KEY
 
 
 class CheckpointError(RuntimeError):
@@ -35,18 +36,20 @@ def check_finite_state(state: Dict[str, Any]) -> None:
             raise CheckpointError(f"refusing to save a global model whose parameter '{name}' is not finite")
 
 
-class SegmentationModelPersistor(PTFileModelPersistor):
-    """:class:`PTFileModelPersistor` that builds its network from a job argument and checks weights before saving.
+class ModelPersistor(PTFileModelPersistor):
+    """:class:`PTFileModelPersistor` that builds its network (any of :data:`medflare.networks.MODEL_REGISTRY`:
+    segmentation or classification) from a job argument and checks weights before saving.
 
-    It writes ``FL_global_model.pt`` (last round) and ``best_FL_global_model.pt`` (best mean Dice, as chosen by
-    ``IntimeModelSelector``) into the server's app folder, atomically. Each checkpoint carries a provenance record
+    It writes ``FL_global_model.pt`` (last round) and ``best_FL_global_model.pt`` (best mean of the key metric,
+    Dice or balanced accuracy, as chosen by ``IntimeModelSelector``) into the server's app folder, atomically. Each checkpoint carries a provenance record
     (:data:`medflare.provenance.PROVENANCE_KEY`): the model arguments, the sites' preprocessing (read from the job's
     client config, which the server's app folder holds), the job, method, rounds completed, the sites with their
     sample counts and last reported metrics, and, once cross-site evaluation has run, its results. Collecting the
     record never stops a run: what cannot be read is logged and left out.
 
     Args:
-        model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`).
+        model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`); the job spec
+            derives it from the executor's settings (:func:`medflare.jobspec.persistor_model`).
         seed: seed of the initial weights, so that runs of different methods start from the same model.
         preprocessing: the sites' preprocessing settings to record (see :func:`medflare.provenance.executor_preprocessing`);
             ``None`` (default) reads them from the job's client config.
@@ -135,9 +138,7 @@ class SegmentationModelPersistor(PTFileModelPersistor):
             if record is None:
                 continue
             record["cross_site"] = prov.cross_site_record(self._cross_site, name, self.key_metric)
-            tmp = f"{path}.provenance.tmp"
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            torch_save_atomic(checkpoint, path)
         self.log_info(fl_ctx, "cross-site results recorded in the checkpoints' provenance")
 
     def _guarded(self, what: str, step: Any, fl_ctx: FLContext) -> None:
@@ -167,3 +168,7 @@ class SegmentationModelPersistor(PTFileModelPersistor):
     def save_model_file(self, save_path: str) -> None:
         check_finite_state(self.persistence_manager.to_persistence_dict()["model"])
         super().save_model_file(save_path)
+
+
+SegmentationModelPersistor = ModelPersistor
+"""The former name, which job folders written before the rename still give."""

@@ -1,6 +1,6 @@
 """What a checkpoint knows about itself: the model, the preprocessing, the job and how it was trained.
 
-The server's persistor (:class:`medflare.persistors.SegmentationModelPersistor`) writes a *provenance record* under
+The server's persistor (:class:`medflare.persistors.ModelPersistor`) writes a *provenance record* under
 :data:`PROVENANCE_KEY` next to the weights of every checkpoint it saves (``{"model": state_dict, "meta_props": ...,
 "medflare_provenance": {...}}``); FLARE keeps unknown top-level keys of a checkpoint, and its own loading reads only
 ``"model"``. The record holds plain JSON types only, so ``torch.load(..., weights_only=True)`` reads it.

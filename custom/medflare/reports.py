@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .aggregation import UpdateError
-from .fairness import (BACC_GLOBAL_TRAIN, FEDCE_MINUS_SCORE, LOSS_GLOBAL, LOSS_PREV_LOCAL, PREV_LOCAL_ROUND,
-                       SHARPNESS)
+from .keys import (BACC_GLOBAL_TRAIN, FEDCE_MINUS_SCORE, LOSS_GLOBAL, LOSS_PREV_LOCAL, PREV_LOCAL_ROUND,
+                   SHARPNESS)
 
 MAX_LOSS = 1e3
 """Largest loss (and sharpness, a loss difference) a site may report. A mean cross-entropy of 1000 would need
@@ -41,9 +41,6 @@ DEFAULT_MAX_SAMPLE_RATIO = 10.0
 
 MAX_TEXT = 200
 """Longest text value (e.g. ``modality``) a report may carry."""
-
-SITE_REPORT_KEY = "medflare_report"
-"""Meta key of the documented scalars a site sends with its weights."""
 
 
 class ReportError(UpdateError):

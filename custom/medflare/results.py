@@ -20,9 +20,9 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
+from .atomic import atomic_write
 from .metrics import fairness_summary
 from .stability import round_stability
 
@@ -31,14 +31,6 @@ SUMMARY_FILE = "metrics_summary.json"
 
 # names CrossSiteModelEval gives the server's models, and the names medflare reports them under
 SERVER_MODEL_NAMES = {"SRV_FL_global_model.pt": "global", "SRV_best_FL_global_model.pt": "best_global"}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
@@ -54,7 +46,7 @@ def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     writer.writerow([_fmt(c) for c in columns])
     for row in rows:
         writer.writerow([_fmt(row.get(c, "")) for c in columns])
-    _atomic_write(path, out.getvalue())
+    atomic_write(path, lambda f: f.write(out.getvalue()), text=True)
 
 
 def _fmt(value: Any) -> str:
@@ -135,7 +127,8 @@ class RunSummary:
     def save(self) -> None:
         self.data["test"] = held_out_summary(self.data.get("rounds") or [], self.data.get("cross_site"),
                                              self.key_metric)
-        _atomic_write(os.path.join(self.dir, SUMMARY_FILE), json.dumps(self.data, indent=1, sort_keys=True))
+        text = json.dumps(self.data, indent=1, sort_keys=True)
+        atomic_write(os.path.join(self.dir, SUMMARY_FILE), lambda f: f.write(text), text=True)
         round_rows, fair_rows = [], []
         for entry in self.data["rounds"]:
             for site, metrics in entry["sites"].items():

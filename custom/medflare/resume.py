@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 import torch
+
+from .atomic import torch_save_atomic
 
 RESUME_FILE = "medflare_resume.pt"
 FORMAT_VERSION = 1
@@ -88,16 +89,6 @@ def save_resume_state(path: str, state: ResumeState) -> None:
     torch_save_atomic(payload, path)
 
 
-def torch_save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_resume_state(path: str) -> ResumeState:

@@ -16,12 +16,8 @@ from typing import Any, Dict, Mapping
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.shareable import Shareable
 
-MEDFLARE_PREFIX = "medflare_"
-AGGREGATION_WEIGHTS_KEY = "medflare_aggregation_weights"
-SITE_WEIGHT_KEY = "medflare_site_weight"
-"""Meta key of the receiving site's own aggregation weight in the previous round (absent if it had none)."""
-PEER_SITE_KEY = "medflare_peer_site"
-"""Meta key of the site whose encoder the ring relay sends along (FedDA-cyclic)."""
+from .keys import AGGREGATION_WEIGHTS_KEY, MEDFLARE_PREFIX, PEER_SITE_KEY, SITE_WEIGHT_KEY
+
 KEPT_KEYS = frozenset({SITE_WEIGHT_KEY, PEER_SITE_KEY})
 
 

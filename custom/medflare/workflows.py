@@ -18,13 +18,13 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
-from .aggregators import AGGREGATION_WEIGHTS_KEY
+from .keys import AGGREGATION_WEIGHTS_KEY, PEER_SITE_KEY, SITE_REPORT_KEY
 from .relay import encoder_part, relay_assignments, relay_wait_over
 from .resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state, save_resume_state,
                      summary_before)
-from .reports import SITE_REPORT_KEY, clean_metrics
+from .reports import clean_metrics
 from .results import RunSummary
-from .site_view import PEER_SITE_KEY, site_view
+from .site_view import site_view
 
 
 class MetricsScatterAndGather(ScatterAndGather):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +44,7 @@ import torch
 from monai.data.synthetic import create_test_image_2d
 from monai.transforms import GaussianSmooth, Resize
 
+from ..atomic import atomic_write
 from ..data.synthetic import default_cache_dir
 
 NUM_CLASSES = 4
@@ -271,15 +271,7 @@ def make_global_test(config: SyntheticClsConfig) -> Dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ cache
 def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _cache_root(config: SyntheticClsConfig, cache_dir: Optional[str]) -> str:

@@ -11,7 +11,7 @@ from nvflare.apis.fl_context import FLContext
 from ..alignment import AdversarialSegmentationTrainer, DomainAdversarialTrainer, adversarial_weight, domain_accuracy
 from ..data import DataError
 from ..data.site_config import synthetic_site_index
-from ..workflows import PEER_SITE_KEY
+from ..keys import PEER_SITE_KEY
 from .segmentation import SegmentationExecutor
 
 

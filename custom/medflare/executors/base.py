@@ -18,9 +18,9 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import weight_difference
-from ..resume import torch_save_atomic
+from ..atomic import torch_save_atomic
 from ..site_policy import RESEARCH_DEFAULT, PolicyError, SitePolicy, read_site_policy
-from ..workflows import SITE_REPORT_KEY
+from ..keys import SITE_REPORT_KEY
 
 STATE_FILE = "medflare_client_state.pt"
 
@@ -107,11 +107,6 @@ def read_state_file(path: str, site: str, required: Sequence[str],
     if missing:
         raise StateError(f"site '{site}': client state file {path} lacks {missing}; {advice}")
     return state
-
-
-def save_state_atomic(state: Dict[str, Any], path: str) -> None:
-    """Write a client state file atomically (a crash while writing leaves the previous file)."""
-    torch_save_atomic(state, path)
 
 
 class SiteExecutor(Executor):
@@ -233,7 +228,7 @@ class SiteExecutor(Executor):
         return ""
 
     def _save_state(self) -> None:
-        save_state_atomic(self.state_dict(), self._state_path())
+        torch_save_atomic(self.state_dict(), self._state_path())  # a crash leaves the previous file
 
     def _restore_state(self, fl_ctx: FLContext) -> None:
         """Restore the state saved by an earlier worker of this job at this site, if any.

@@ -34,18 +34,19 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from .. import fairness as fr
+from .. import keys
 from ..classification.data import ClsSiteData, load_cls_site_data, synthetic_config
 from ..classification.training import ClassificationTrainer, evaluate_classifier
+from ..keys import SITE_WEIGHT_KEY
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
-from ..site_view import SITE_WEIGHT_KEY
 from .base import SiteExecutor, configure_torch
 from .base import load_weights, resolve_device, weights_to_numpy
 
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
-REPORTED_SCALARS = ("quality", "n_train", "n_val", fr.LOSS_GLOBAL, fr.BACC_GLOBAL_TRAIN, "rho", fr.SHARPNESS,
-                    fr.LOSS_PREV_LOCAL, fr.PREV_LOCAL_ROUND, fr.FEDCE_MINUS_SCORE, "n_test", "test_bacc",
+REPORTED_SCALARS = ("quality", "n_train", "n_val", keys.LOSS_GLOBAL, keys.BACC_GLOBAL_TRAIN, "rho", keys.SHARPNESS,
+                    keys.LOSS_PREV_LOCAL, keys.PREV_LOCAL_ROUND, keys.FEDCE_MINUS_SCORE, "n_test", "test_bacc",
                     "test_auc", "test_clean_bacc",
                     "test_clean_auc", "test_corrupted_bacc", "test_corrupted_auc", "bacc_local", "train_seconds",
                     "probe_seconds", "train_loss")
@@ -180,23 +181,23 @@ class ClassificationExecutor(SiteExecutor):
         """Statistics of the received global model (and of the previous local model) on the training set."""
         train = self.data.train
         on_train = self.evaluate(train)
-        report: Dict[str, Any] = {fr.LOSS_GLOBAL: on_train["loss"], fr.BACC_GLOBAL_TRAIN: on_train["bacc"],
+        report: Dict[str, Any] = {keys.LOSS_GLOBAL: on_train["loss"], keys.BACC_GLOBAL_TRAIN: on_train["bacc"],
                                   "rho": rho}
         if "sharpness" in self.reports:
             probe = sharpness(self.model, train, rho, self.device, self.eval_batch_size)
-            report[fr.SHARPNESS] = probe["sharpness"]
+            report[keys.SHARPNESS] = probe["sharpness"]
         previous = self.local_weights if self.local_round == round_num - 1 else None
         if previous is not None and self.reports & {"prev_local", "minus_model"}:
             if self.scratch is None:
                 self.scratch = build_model(self.model_name, **self.model_args).to(self.device)
             if "prev_local" in self.reports:
                 load_weights(self.scratch, previous, "previous local model")
-                report[fr.LOSS_PREV_LOCAL] = self.evaluate(train, self.scratch)["loss"]
-                report[fr.PREV_LOCAL_ROUND] = self.local_round
+                report[keys.LOSS_PREV_LOCAL] = self.evaluate(train, self.scratch)["loss"]
+                report[keys.PREV_LOCAL_ROUND] = self.local_round
             coef = meta.get(SITE_WEIGHT_KEY)  # this site's weight in the last aggregation (the server sends no other)
             if "minus_model" in self.reports and coef is not None and 0.0 < float(coef) < 1.0:
                 load_weights(self.scratch, fr.minus_model(global_weights, previous, float(coef)), "minus model")
-                report[fr.FEDCE_MINUS_SCORE] = self.evaluate(train, self.scratch)["bacc"]
+                report[keys.FEDCE_MINUS_SCORE] = self.evaluate(train, self.scratch)["bacc"]
         if self.data.test is not None:
             metrics = self.evaluate(self.data.test)
             report["n_test"] = len(self.data.test)
