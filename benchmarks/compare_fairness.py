@@ -37,7 +37,9 @@ sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 from compare import format_difference, parse_method  # noqa: E402
 from jobtools import copy_job, run_simulator  # noqa: E402
 
-METHODS = ("fedavg_cls", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism", "fedism_plus")
+from medflare.jobspec import FAIRNESS_SUITE  # noqa: E402
+
+METHODS = FAIRNESS_SUITE
 COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "last5_mean", "last5_worst", "test_clean",
            "test_corrupted", "clean_corrupted_gap")
 BASELINE = "fedavg_cls"

@@ -118,6 +118,7 @@ def segmentation_job(name: str, executor: str = "medflare.executors.Segmentation
                    key_metric="dice", n_sites=3)
 
 
+CLASSIFICATION_EXECUTOR = "medflare.executors.ClassificationExecutor"
 CLASSIFIER_SETTINGS: Dict[str, Any] = {
     "model": {"name": "tiny_cnn"}, "num_classes": 4, "in_channels": 1,
     "synthetic": {"n_train": 128, "n_val": 64, "n_test": 200, "seed": 0},
@@ -130,8 +131,7 @@ def fairness_job(name: str, rule: str = "medflare.aggregators.WeightedAggregator
                  rule_args: Optional[Mapping[str, Any]] = None, **executor_args: Any) -> JobSpec:
     """A job of the fairness suite: 4 sites of different image quality, balanced accuracy, the server ``rule``
     (an aggregator) applied to the full models."""
-    return JobSpec(name, Component("medflare.executors.ClassificationExecutor",
-                                   merge_args(CLASSIFIER_SETTINGS, executor_args)),
+    return JobSpec(name, Component(CLASSIFICATION_EXECUTOR, merge_args(CLASSIFIER_SETTINGS, executor_args)),
                    "medflare.classification.reporting.FairnessScatterAndGather",
                    Component(rule, dict(rule_args or {})), FULL_MODEL, key_metric="bacc", n_sites=4)
 
@@ -156,6 +156,8 @@ JOBS: Dict[str, JobSpec] = {spec.name: spec for spec in (
     fairness_job("fedism", FAIR + "FedISMAggregator", {"q": 2.0, "beta": 0.5}, **GSAM),
     fairness_job("fedism_plus", FAIR + "FedISMAggregator", {"q": 2.0, "beta": 0.5}, **GSAM, rho_schedule_p=0.5),
 )}
+FAIRNESS_SUITE = tuple(name for name, spec in JOBS.items() if spec.executor.path == CLASSIFICATION_EXECUTOR)
+"""The fairness jobs, baseline (``fedavg_cls``) first, in the order the fairness comparison runs them."""
 
 
 def persistor_model(executor: Component) -> Dict[str, Any]:
