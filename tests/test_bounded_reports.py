@@ -143,7 +143,8 @@ def test_a_failing_rule_names_the_sites_instead_of_a_traceback():
 
 
 def test_statistic_checks_and_metric_cleaning():
-    assert check_statistics("a", {keys.LOSS_GLOBAL: 2, keys.SHARPNESS: 0.1}) == {keys.LOSS_GLOBAL: 2.0, keys.SHARPNESS: 0.1}
+    checked = check_statistics("a", {keys.LOSS_GLOBAL: 2, keys.SHARPNESS: 0.1})
+    assert checked == {keys.LOSS_GLOBAL: 2.0, keys.SHARPNESS: 0.1}
     with pytest.raises(ReportError, match=f"site 'a' reported '{keys.LOSS_GLOBAL}'"):
         check_statistics("a", {keys.LOSS_GLOBAL: MAX_LOSS * 2})
     with pytest.raises(ReportError, match="expected a mapping"):

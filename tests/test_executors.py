@@ -21,7 +21,7 @@ ALLOWED_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, SITE_R
 
 def _executor(cls, tmp_path, site="site-1", **kwargs):
     ex = cls(**SMALL, **kwargs)
-    ex.site, ex._app_dir, ex._local_dir, ex._tb = site, str(tmp_path), None, None
+    ex.start(site, str(tmp_path))
     return ex
 
 
@@ -144,7 +144,7 @@ def test_3d_pipeline(tmp_path):
     ex = SegmentationExecutor(spatial_dims=3, spatial_size=(32, 32, 32), batch_size=2,
                               synthetic={"n_train": 4, "n_val": 2, "size": 32},
                               model={"channels": (8, 16), "strides": (2,)})
-    ex.site, ex._app_dir, ex._local_dir, ex._tb = "site-2", str(tmp_path), None, None
+    ex.start("site-2", str(tmp_path))
     weights = {k: v.numpy() for k, v in FeatureUNet(spatial_dims=3, channels=(8, 16), strides=(2,)).state_dict().items()}
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
     dxo = _assert_only_weights_and_scalars(result, set(weights))

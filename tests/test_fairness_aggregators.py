@@ -83,7 +83,8 @@ def site_results(round_num, sites=SITES):
                    "bn.running_var": rs.uniform(0.5, 2, 2).astype(np.float32),
                    "bn.num_batches_tracked": np.array(4 * (round_num + 1), np.int64)},
                   [32, 64, 32, 16][k],
-                  {keys.SHARPNESS: [0.01, 0.02, 0.05, 0.1][k] * (1 + round_num), keys.LOSS_GLOBAL: [0.5, 1.0, 1.5, 2.0][k],
+                  {keys.SHARPNESS: [0.01, 0.02, 0.05, 0.1][k] * (1 + round_num),
+                   keys.LOSS_GLOBAL: [0.5, 1.0, 1.5, 2.0][k],
                    keys.BACC_GLOBAL_TRAIN: [0.9, 0.8, 0.6, 0.5][k], keys.LOSS_PREV_LOCAL: [0.4, 0.5, 0.6, 0.7][k],
                    keys.PREV_LOCAL_ROUND: round_num - 1, keys.FEDCE_MINUS_SCORE: [0.7, 0.6, 0.5, 0.4][k]})
     return out

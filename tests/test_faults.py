@@ -28,7 +28,7 @@ SMALL = {"synthetic": {"n_train": 4, "n_val": 2, "n_test": 2}, "batch_size": 4}
 
 def _executor(tmp_path, site="site-1"):
     ex = SegmentationExecutor(**SMALL)
-    ex.site, ex._app_dir, ex._local_dir, ex._tb = site, str(tmp_path), None, None
+    ex.start(site, str(tmp_path))
     return ex
 
 

@@ -34,7 +34,7 @@ CLS_REPORT = {"quality", "n_train", "n_val", "n_test", "test_bacc", "test_auc", 
 
 def _executor(cls, tmp_path, site="site-1", **kwargs):
     ex = cls(**kwargs)
-    ex.site, ex._app_dir, ex._local_dir, ex._tb = site, str(tmp_path), None, None
+    ex.start(site, str(tmp_path))
     return ex
 
 

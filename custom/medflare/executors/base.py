@@ -1,10 +1,12 @@
-"""Plumbing shared by medflare's FLARE executors: site identity, task dispatch, setup errors, client state path."""
+"""The template of medflare's FLARE executors: site identity, task dispatch, seeding, device, readiness, client
+state, and the skeleton of a training round; the segmentation, FedDA and classification executors fill in hooks."""
 
 from __future__ import annotations
 
 import os
 import random
-from typing import Any, Dict, Optional, Sequence
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,8 +21,9 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import weight_difference
 from ..atomic import torch_save_atomic
-from ..site_policy import RESEARCH_DEFAULT, PolicyError, SitePolicy, read_site_policy
 from ..keys import SITE_REPORT_KEY
+from ..networks import build_model
+from ..site_policy import RESEARCH_DEFAULT, PolicyError, SitePolicy, read_site_policy
 
 STATE_FILE = "medflare_client_state.pt"
 
@@ -110,19 +113,24 @@ def read_state_file(path: str, site: str, required: Sequence[str],
 
 
 class SiteExecutor(Executor):
-    """Base of the medflare executors.
+    """Template of the medflare executors.
 
-    It learns the site's name, app folder and ``local/`` folder at ``START_RUN``, prepares the site lazily on the
-    first task (subclasses implement ``_ensure_ready``, which ends by restoring the saved client state with
-    :meth:`_restore_state`), and dispatches ``train``, ``validate`` and ``submit_model`` to ``_train``,
-    ``_validate`` and ``_submit_model``. The site is ready, and runs tasks, only once ``_ensure_ready`` has
-    completed, state included: any error there (a :class:`~medflare.data.DataError`, a :class:`StateError` for a
-    corrupt state file...) makes every task of this site fail with the message, which lets the server stop the job
+    It learns the site's name, app folder and ``local/`` folder at ``START_RUN`` (or from :meth:`start`), prepares
+    the site lazily on the first task (:meth:`_ensure_ready`: thread count and seeds, the site's data through
+    :meth:`load_data`, device, model, the trainer from :meth:`create_trainer`, then the saved client state), and
+    dispatches ``train``, ``validate`` and ``submit_model``. The site is ready, and runs tasks, only once all of that
+    has completed, state included: any error there (a :class:`~medflare.data.DataError`, a :class:`StateError` for
+    a corrupt state file...) makes every task of this site fail with the message, which lets the server stop the job
     or carry on without the site; the site never continues on half-prepared or fresh state. Any other exception in a
     task is logged and returned as ``EXECUTION_EXCEPTION``.
 
-    Subclasses that keep client state set :attr:`state_keys` and implement :meth:`state_dict` and
-    :meth:`load_state`.
+    A ``train`` task runs :meth:`_train`: load the received global model (:meth:`unpack_train_data`), measure it
+    (:meth:`assess_global_model`), :meth:`before_training`, the trainer's local epochs, :meth:`local_metrics`, keep
+    the local model and the client state (the local weights, the optimiser, :meth:`round_state`), and send
+    :meth:`trained_report` with the weights.
+
+    Subclasses set, in their constructor, ``model_name``, ``model_args``, ``seed``, ``num_threads``,
+    ``device_name``, ``local_epochs`` and ``batch_size``, and implement the hooks that raise ``NotImplementedError``.
 
     What leaves the site is further limited by the site's own ``local/medflare_policy.json``
     (:mod:`medflare.site_policy`): training curves, the local model for cross-site evaluation, weight differences.
@@ -134,7 +142,7 @@ class SiteExecutor(Executor):
     """
 
     state_file = STATE_FILE
-    state_keys: Sequence[str] = ()
+    state_keys: Sequence[str] = ("local_weights", "optimizer")
     key_metric = "dice"
 
     def __init__(self, tb_writer_id: str = "tb_writer", send_weight_differences: bool = False) -> None:
@@ -150,18 +158,26 @@ class SiteExecutor(Executor):
         self._ready = False
         self.model: Optional[torch.nn.Module] = None
         self.local_weights: Optional[Dict[str, np.ndarray]] = None
+        self.local_round = -1  # the round of the local model (-1: none yet)
+        self.data: Any = None
+        self.device: Optional[torch.device] = None
+        self.trainer: Any = None
+
+    def start(self, site: str, app_dir: str, local_dir: Optional[str] = None) -> None:
+        """Take part as ``site``: keep client state in ``app_dir`` and read the site's policy (and data config) from
+        ``local_dir``. FLARE's ``START_RUN`` calls it with the job's folders; it also sets a site up without FLARE."""
+        self.site, self._app_dir, self._local_dir = site, app_dir, local_dir
+        try:
+            self.policy = read_site_policy(local_dir)
+        except PolicyError as e:
+            self._setup_error = str(e)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            self.site = fl_ctx.get_identity_name()
             engine = fl_ctx.get_engine()
             workspace = engine.get_workspace()
-            self._app_dir = workspace.get_app_dir(fl_ctx.get_job_id())
-            self._local_dir = workspace.get_site_config_dir()
-            try:
-                self.policy = read_site_policy(self._local_dir)
-            except PolicyError as e:
-                self._setup_error = str(e)
+            self.start(fl_ctx.get_identity_name(), workspace.get_app_dir(fl_ctx.get_job_id()),
+                       workspace.get_site_config_dir())
             share_curves = self.tb_writer_id and self.policy.share_training_curves
             self._tb = engine.get_component(self.tb_writer_id) if share_curves else None
             self.log_info(fl_ctx, f"site policy from {self.policy.source}: training curves "
@@ -169,15 +185,98 @@ class SiteExecutor(Executor):
                                   f"{'shared' if self.policy.share_local_model else 'not shared'} for cross-site "
                                   f"evaluation, results as {getattr(self.result_kind(), 'value', self.result_kind())}")
 
-    def _ensure_ready(self, fl_ctx: FLContext) -> None:
+    # ------------------------------------------------------------------ hooks
+    def load_data(self, fl_ctx: FLContext) -> None:
+        """Load this site's data into ``self.data`` (and log what was loaded)."""
         raise NotImplementedError
 
-    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+    def create_trainer(self, model: torch.nn.Module, device: torch.device) -> Any:
+        """The local trainer (``fit``, ``optimizer``); algorithms that change the local objective return their own."""
         raise NotImplementedError
+
+    def unpack_train_data(self, dxo: DXO) -> Dict[str, Any]:
+        """The global weights in a ``train`` task's DXO (subclasses accept richer payloads)."""
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ValueError(f"train task carries {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+        return dxo.data
+
+    def assess_global_model(self, dxo: DXO, global_weights: Dict[str, Any], round_num: int,
+                            num_rounds: Optional[int], fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Measure the received global model (loaded into ``self.model``) before local training: the metrics that
+        select the best model (must include ``key_metric``) and the documented scalars it reports."""
+        raise NotImplementedError
+
+    def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
+        """Called just before local training (learning rate, alignment targets...)."""
+
+    def local_metrics(self) -> Dict[str, float]:
+        """Metrics of the freshly trained local model (must include ``key_metric``)."""
+        raise NotImplementedError
+
+    def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
+                       seconds: float) -> Dict[str, Any]:
+        """The documented scalars sent with the local weights, from what :meth:`assess_global_model` reported."""
+        raise NotImplementedError
+
+    def round_state(self) -> Dict[str, Any]:
+        """Client state besides the local weights and the optimiser (e.g. the round, a discriminator)."""
+        return {}
+
+    def load_round_state(self, state: Dict[str, Any]) -> str:
+        """Restore what :meth:`round_state` returned; returns what was restored, for the log."""
+        return ""
 
     def _validation_metrics(self) -> Dict[str, float]:
-        """Metrics of the current model on this site's validation split (must include ``key_metric``)."""
+        """Metrics of the current model on this site's evaluation split (must include ``key_metric``)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the template
+    def _ensure_ready(self, fl_ctx: FLContext) -> None:
+        """Seeds and threads, data, device, model and trainer, then the saved client state (once per worker)."""
+        if self.trainer is not None:
+            return
+        threads = configure_torch(self.num_threads, self.seed)
+        self.load_data(fl_ctx)
+        self.device = resolve_device(self.device_name)
+        self.model = build_model(self.model_name, **self.model_args).to(self.device)
+        self.trainer = self.create_trainer(self.model, self.device)
+        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
+        self._restore_state(fl_ctx)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """One round: measure the received global model, train locally, keep the state, send weights and report."""
+        dxo = from_shareable(shareable)
+        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
+        n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
+        global_weights = self.unpack_train_data(dxo)
+        load_weights(self.model, global_weights, f"global model of round {rnd}")
+        global_metrics, report = self.assess_global_model(dxo, global_weights, rnd, n_rounds, fl_ctx)
+        for k, v in {**global_metrics, **report}.items():
+            self._tb_scalar(f"global_{k}", v, rnd)
+        self.before_training(dxo, rnd, n_rounds, fl_ctx)
+
+        def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
+            self.log_info(fl_ctx, f"round {rnd} epoch {epoch + 1}/{self.local_epochs}: "
+                          + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+            for k, v in losses.items():
+                self._tb_scalar(f"train_{k}", v, rnd * self.local_epochs + epoch)
+
+        start = time.time()
+        result = self.trainer.fit(self.data.train, self.local_epochs, self.batch_size, seed=self.seed * 1000 + rnd,
+                                  should_stop=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end)
+        if result.aborted:
+            self.log_info(fl_ctx, "training aborted")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        seconds = time.time() - start
+        local = self.local_metrics()
+        self._tb_scalar(f"local_{self.key_metric}", local[self.key_metric], rnd)
+        self.local_weights = weights_to_numpy(self.model)
+        self.local_round = rnd
+        self._save_state()
+        self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, local model "
+                              f"{self.key_metric} {local[self.key_metric]:.4f}")
+        report = self.trained_report(report, local, result.losses, seconds)
+        return self._train_result(len(self.data.train), global_metrics, report, received=global_weights)
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Cross-site evaluation: score the model in the task on this site's validation split."""
@@ -221,11 +320,14 @@ class SiteExecutor(Executor):
 
     def state_dict(self) -> Dict[str, Any]:
         """The client state to keep across worker restarts (tensors and plain values only)."""
-        return {}
+        return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
+                "optimizer": self.trainer.optimizer.state_dict(), **self.round_state()}
 
     def load_state(self, state: Dict[str, Any]) -> str:
         """Apply a state read from the state file; returns what was restored, for the log."""
-        return ""
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
+        return self.load_round_state(state)
 
     def _save_state(self) -> None:
         torch_save_atomic(self.state_dict(), self._state_path())  # a crash leaves the previous file
@@ -237,7 +339,7 @@ class SiteExecutor(Executor):
             StateError: naming the file and the site, when the file cannot be read or does not fit.
         """
         path = self._state_path()
-        state = read_state_file(path, self.site, self.state_keys, getattr(self, "device", None))
+        state = read_state_file(path, self.site, self.state_keys, self.device)
         if state is None:
             return
         try:

@@ -22,16 +22,11 @@ Images and labels never do. The last local model (and its round) and the optimis
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from nvflare.apis.dxo import DataKind, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
-from nvflare.apis.signal import Signal
-from nvflare.app_common.app_constant import AppConstants
 
 from .. import fairness as fr
 from .. import keys
@@ -40,8 +35,7 @@ from ..classification.training import ClassificationTrainer, evaluate_classifier
 from ..keys import SITE_WEIGHT_KEY
 from ..networks import build_model
 from ..sam import fedism_plus_rho, sharpness
-from .base import SiteExecutor, configure_torch
-from .base import load_weights, resolve_device, weights_to_numpy
+from .base import SiteExecutor, load_weights
 
 ALL_REPORTS = ("sharpness", "prev_local", "minus_model")
 # scalars sent in meta["medflare_report"], besides the held-out metrics of w^t (initial metrics: bacc, acc, auc, loss)
@@ -53,9 +47,6 @@ REPORTED_SCALARS = ("quality", "n_train", "n_val", keys.LOSS_GLOBAL, keys.BACC_G
 
 
 class ClassificationExecutor(SiteExecutor):
-    state_file = "medflare_cls_client_state.pt"
-    key_metric = "bacc"
-
     """Local training and evaluation of a classifier at one site, reporting every fairness statistic.
 
     Args:
@@ -89,6 +80,9 @@ class ClassificationExecutor(SiteExecutor):
             SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
     """
 
+    state_file = "medflare_cls_client_state.pt"
+    key_metric = "bacc"
+
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 4, in_channels: int = 1,
                  spatial_size: Sequence[int] = (64, 64), synthetic: Optional[Dict[str, Any]] = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, local_epochs: int = 1, batch_size: int = 32,
@@ -115,20 +109,13 @@ class ClassificationExecutor(SiteExecutor):
         self.global_test_sites = set(global_test_sites) if global_test_sites is not None else None
         self.eval_batch_size, self.seed = eval_batch_size, seed
         self.device_name, self.num_threads = device, num_threads
-
         self.data: Optional[ClsSiteData] = None
-        self.device: Optional[torch.device] = None
-        self.model: Optional[torch.nn.Module] = None
         self.scratch: Optional[torch.nn.Module] = None
         self.trainer: Optional[ClassificationTrainer] = None
-        self.local_weights: Optional[Dict[str, np.ndarray]] = None
-        self.local_round = -1
+        self._probe_seconds = 0.0
 
-    # ------------------------------------------------------------------ FLARE plumbing
-    def _ensure_ready(self, fl_ctx: FLContext) -> None:
-        if self.trainer is not None:
-            return
-        threads = configure_torch(self.num_threads, self.seed)
+    # ------------------------------------------------------------------ template hooks
+    def load_data(self, fl_ctx: FLContext) -> None:
         start = time.time()
         with_test = self.global_test_sites is None or self.site in self.global_test_sites
         self.data = load_cls_site_data(self.site, self._local_dir, self.synthetic, self.num_classes,
@@ -139,24 +126,18 @@ class ClassificationExecutor(SiteExecutor):
                               f"(loaded in {time.time() - start:.1f}s)")
         for note in self.data.warnings:
             self.log_warning(fl_ctx, note)
-        self.device = resolve_device(self.device_name)
-        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
-        self.model = build_model(self.model_name, **self.model_args).to(self.device)
-        self.trainer = ClassificationTrainer(self.model, self.device, self.data.class_counts, lr=self.lr,
-                                             weight_decay=self.weight_decay, optimizer=self.optimizer_kind,
-                                             rho=self.rho, gsam_alpha=self.gsam_alpha, tau=self.tau,
-                                             reset_optimizer=self.reset_optimizer)
-        self._restore_state(fl_ctx)
 
-    state_keys = ("local_weights", "local_round", "optimizer")
+    def create_trainer(self, model: torch.nn.Module, device: torch.device) -> ClassificationTrainer:
+        return ClassificationTrainer(model, device, self.data.class_counts, lr=self.lr, weight_decay=self.weight_decay,
+                                     optimizer=self.optimizer_kind, rho=self.rho, gsam_alpha=self.gsam_alpha,
+                                     tau=self.tau, reset_optimizer=self.reset_optimizer)
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
-                "local_round": self.local_round, "optimizer": self.trainer.optimizer.state_dict()}
+    state_keys = SiteExecutor.state_keys + ("local_round",)
 
-    def load_state(self, state: Dict[str, Any]) -> str:
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
-        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
+    def round_state(self) -> Dict[str, Any]:
+        return {"local_round": self.local_round}
+
+    def load_round_state(self, state: Dict[str, Any]) -> str:
         self.local_round = int(state["local_round"])
         return f"local model of round {self.local_round}"
 
@@ -209,46 +190,27 @@ class ClassificationExecutor(SiteExecutor):
                 report[f"test_{name}_auc"] = metrics["auc"]
         return report
 
-    # ------------------------------------------------------------------ tasks
-    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS:
-            raise ValueError(f"train task carries {dxo.data_kind}, expected {DataKind.WEIGHTS}")
-        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
-        n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
-        load_weights(self.model, dxo.data, f"global model of round {rnd}")
-        rho = self.current_rho(rnd, n_rounds)
+    def assess_global_model(self, dxo: DXO, global_weights: Dict[str, Any], round_num: int,
+                            num_rounds: Optional[int], fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Held-out metrics (model selection) and the statistics of :meth:`global_model_report`."""
         start = time.time()
         global_metrics = self.evaluate(self.data.val)
-        report = self.global_model_report(dxo.data, dict(dxo.meta or {}), rnd, rho)
-        probe_seconds = time.time() - start
-        self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model on '{self.site}': "
+        report = self.global_model_report(global_weights, dict(dxo.meta or {}), round_num,
+                                          self.current_rho(round_num, num_rounds))
+        self._probe_seconds = time.time() - start
+        self.log_info(fl_ctx, f"round {round_num}/{num_rounds}: global model on '{self.site}': "
                       + " ".join(f"{k}={v:.4f}" for k, v in global_metrics.items())
                       + " | " + " ".join(f"{k}={v:.4g}" for k, v in report.items()))
-        for k, v in {**global_metrics, **report}.items():
-            self._tb_scalar(f"global_{k}", v, rnd)
+        return global_metrics, report
 
-        def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
-            for k, v in losses.items():
-                self._tb_scalar(f"train_{k}", v, rnd * self.local_epochs + epoch)
+    def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
+        self.trainer.set_rho(self.current_rho(round_num, num_rounds))
 
-        self.trainer.set_rho(rho)
-        start = time.time()
-        result = self.trainer.fit(self.data.train, self.local_epochs, self.batch_size, seed=self.seed * 1000 + rnd,
-                                  should_stop=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end)
-        if result.aborted:
-            self.log_info(fl_ctx, "training aborted")
-            return make_reply(ReturnCode.TASK_ABORTED)
-        seconds = time.time() - start
-        local_metrics = self.evaluate(self.data.val)
-        self._tb_scalar("local_bacc", local_metrics["bacc"], rnd)
-        self.local_weights = weights_to_numpy(self.model)
-        self.local_round = rnd
-        self._save_state()
+    def local_metrics(self) -> Dict[str, float]:
+        return self.evaluate(self.data.val)
 
-        report.update({"quality": self.data.quality, "n_train": len(self.data.train), "n_val": len(self.data.val),
-                       "bacc_local": local_metrics["bacc"], "train_seconds": round(seconds, 2),
-                       "probe_seconds": round(probe_seconds, 2), "train_loss": result.losses.get("loss", 0.0)})
-        self.log_info(fl_ctx, f"round {rnd}: {self.optimizer_kind} trained {result.steps} steps in {seconds:.1f}s "
-                              f"(statistics {probe_seconds:.1f}s), local model bacc {local_metrics['bacc']:.4f}")
-        return self._train_result(len(self.data.train), global_metrics, report, received=dxo.data)
+    def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
+                       seconds: float) -> Dict[str, Any]:
+        return {**report, "quality": self.data.quality, "n_train": len(self.data.train), "n_val": len(self.data.val),
+                "bacc_local": local_metrics["bacc"], "train_seconds": round(seconds, 2),
+                "probe_seconds": round(self._probe_seconds, 2), "train_loss": losses.get("loss", 0.0)}

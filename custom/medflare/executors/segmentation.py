@@ -21,22 +21,16 @@ kept in ``<app dir>/medflare_client_state.pt`` and reloaded when FLARE restarts 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
-from nvflare.apis.signal import Signal
-from nvflare.app_common.app_constant import AppConstants
 
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..metrics import evaluate_segmentation
-from ..networks import build_model
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
-from .base import SiteExecutor, configure_torch, load_weights, resolve_device, weights_to_numpy
+from .base import SiteExecutor
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
@@ -103,13 +97,13 @@ class SegmentationExecutor(SiteExecutor):
         self.fedprox_mu, self.seed = fedprox_mu, seed
         self.device_name, self.num_threads = device, num_threads
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
-
         self.data: Optional[SiteData] = None
-        self.device: Optional[torch.device] = None
-        self.model: Optional[torch.nn.Module] = None
         self.trainer: Optional[SegmentationTrainer] = None
-        self.local_weights: Optional[Dict[str, np.ndarray]] = None
-        self.rounds_done = 0
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds this site has trained in (its local model is of round ``rounds_done - 1``)."""
+        return self.local_round + 1
 
     # ------------------------------------------------------------------ extension points
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
@@ -120,12 +114,6 @@ class SegmentationExecutor(SiteExecutor):
         """Keyword arguments every trainer of this executor takes (optimiser, learning rate, FedProx)."""
         return {"lr": self.lr, "fedprox_mu": self.fedprox_mu, "optimizer": self.optimizer,
                 "reset_optimizer": self.reset_optimizer}
-
-    def unpack_train_data(self, dxo: DXO) -> Dict[str, Any]:
-        """The global weights in a ``train`` task's DXO (subclasses accept richer payloads)."""
-        if dxo.data_kind != DataKind.WEIGHTS:
-            raise ValueError(f"train task carries {dxo.data_kind}, expected {DataKind.WEIGHTS}")
-        return dxo.data
 
     def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
         """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
@@ -141,12 +129,8 @@ class SegmentationExecutor(SiteExecutor):
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
 
-    # ------------------------------------------------------------------ FLARE plumbing
-    def _ensure_ready(self, fl_ctx: FLContext) -> None:
-        """Load data, build model and trainer, restore saved state (once per worker process)."""
-        if self.trainer is not None:
-            return
-        threads = configure_torch(self.num_threads, self.seed)
+    # ------------------------------------------------------------------ template hooks
+    def load_data(self, fl_ctx: FLContext) -> None:
         config = resolve_site_config(self.site, self._local_dir, self.synthetic.modalities)
         start = time.time()
         self.data = load_site_data(config, self.spec, self.synthetic)
@@ -157,24 +141,15 @@ class SegmentationExecutor(SiteExecutor):
                               f"{time.time() - start:.1f}s")
         for note in ([self.data.test_note] if self.data.test_note else []) + self.data.warnings:
             self.log_warning(fl_ctx, note)
-        self.device = resolve_device(self.device_name)
-        self.model = build_model(self.model_name, **self.model_args)
-        self.trainer = self.create_trainer(self.model, self.device)
-        self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")
-        self._restore_state(fl_ctx)
 
-    state_keys = ("local_weights", "rounds_done", "optimizer")
+    state_keys = SiteExecutor.state_keys + ("rounds_done",)
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
-                "rounds_done": self.rounds_done, "optimizer": self.trainer.optimizer.state_dict(),
-                "extra": self.extra_state()}
+    def round_state(self) -> Dict[str, Any]:
+        return {"rounds_done": self.rounds_done, "extra": self.extra_state()}
 
-    def load_state(self, state: Dict[str, Any]) -> str:
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
+    def load_round_state(self, state: Dict[str, Any]) -> str:
         self.load_extra_state(state.get("extra", {}))
-        self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
-        self.rounds_done = int(state["rounds_done"])
+        self.local_round = int(state["rounds_done"]) - 1
         return f"after {self.rounds_done} rounds"
 
     def _validation_metrics(self) -> Dict[str, float]:
@@ -196,47 +171,27 @@ class SegmentationExecutor(SiteExecutor):
         metrics = self.evaluate("test")
         return {"n_test": metrics.pop("n_images"), **{f"test_{k}": v for k, v in metrics.items()}}
 
-    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        dxo = from_shareable(shareable)
-        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
-        n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
-        global_weights = self.unpack_train_data(dxo)
-        load_weights(self.model, global_weights, f"global model of round {rnd}")
+    def assess_global_model(self, dxo: DXO, global_weights: Dict[str, Any], round_num: int,
+                            num_rounds: Optional[int], fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Validation Dice (model selection), and the test split's Dice plus :meth:`round_report` (reported)."""
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
         received = {**self.test_metrics(), **self.round_report()}
-        self.log_info(fl_ctx, f"round {rnd}/{n_rounds}: global model dice on '{self.site}' = "
+        self.log_info(fl_ctx, f"round {round_num}/{num_rounds}: global model dice on '{self.site}' = "
                               f"{global_metrics['dice']:.4f} (validation)"
                       + (f", {received['test_dice']:.4f} (test)" if "test_dice" in received else ""))
-        for k, v in {**global_metrics, **received}.items():
-            self._tb_scalar(f"global_{k}", v, rnd)
-        self.prepare_round(dxo, rnd, fl_ctx)
-        if isinstance(n_rounds, int):
-            self.trainer.set_lr(round_lr(self.lr, self.lr_schedule, rnd, n_rounds))
+        return global_metrics, received
 
-        def on_epoch_end(epoch: int, losses: Dict[str, float]) -> None:
-            step = rnd * self.local_epochs + epoch
-            self.log_info(fl_ctx, f"round {rnd} epoch {epoch + 1}/{self.local_epochs}: "
-                          + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-            for k, v in losses.items():
-                self._tb_scalar(f"train_{k}", v, step)
+    def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
+        self.prepare_round(dxo, round_num, fl_ctx)
+        if isinstance(num_rounds, int):
+            self.trainer.set_lr(round_lr(self.lr, self.lr_schedule, round_num, num_rounds))
 
-        start = time.time()
-        result = self.trainer.fit(self.data.train, self.local_epochs, self.batch_size, seed=self.seed * 1000 + rnd,
-                                  should_stop=lambda: abort_signal.triggered, on_epoch_end=on_epoch_end)
-        if result.aborted:
-            self.log_info(fl_ctx, "training aborted")
-            return make_reply(ReturnCode.TASK_ABORTED)
-        seconds = time.time() - start
-        local_metrics = self.evaluate()
-        self._tb_scalar("local_dice", local_metrics["dice"], rnd)
-        self.local_weights = weights_to_numpy(self.model)
-        self.rounds_done = rnd + 1
-        self._save_state()
+    def local_metrics(self) -> Dict[str, float]:
+        return self.evaluate()
 
-        report = {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
-                  **received, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
-                  **{f"train_{k}": v for k, v in result.losses.items()}}
-        self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, "
-                              f"local model dice {local_metrics['dice']:.4f}")
-        return self._train_result(len(self.data.train), global_metrics, report, received=global_weights)
+    def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
+                       seconds: float) -> Dict[str, Any]:
+        return {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
+                **report, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
+                **{f"train_{k}": v for k, v in losses.items()}}
