@@ -16,7 +16,8 @@ file                        sites   content
 ==========================  ======  ==============================================================================
 ``medflare_site.json``      client  which data the site trains on (datalist + data root + modality, or synthetic)
 ``resources.json``          both    the kit's own ``resources.json.default`` with the template merged on top:
-                                    GPUs (client), job/snapshot storage (server), ``class_allow_list`` extended
+                                    GPUs (client), job storage (server; ``snapshot_storage`` is written but
+                                    inert: FLARE 2.9 keeps no job snapshots), ``class_allow_list`` extended
                                     by ``allowed_classes`` (site-installed medflare), enforcement mode
 ``authorization.json``      both    who may submit jobs, who may ship code with a job (BYOC: nobody unless the
                                     values name roles in ``byoc_roles``), what the project admin may do here
@@ -148,7 +149,10 @@ FIELDS: Dict[str, Field] = {
                          "where the server keeps submitted jobs and results (default: what local/resources.json "
                          "already says, else the kit default /tmp/nvflare/jobs-storage)"),
     "snapshot_storage": Field(None, _opt_str, "path", ("server",),
-                              "where the server keeps job snapshots (default: as for job_storage)"),
+                              "root_dir of the kit's snapshot_persistor (default: as for job_storage); inert in "
+                              "FLARE 2.9, which keeps no job snapshots: a server crash ends the running job, which "
+                              "is resumed from medflare_resume.pt with deploy/resume_job.py (docs/deployment.md "
+                              "4.7)"),
     # --- authorization.json
     "submit_roles": Field(["project_admin", "lead"], _roles, f"list of roles from {list(ROLES)}",
                           ("client", "server"), "roles that may submit and clone jobs; checked by the server"),
