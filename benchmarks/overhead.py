@@ -16,6 +16,7 @@ Runners:
 * ``JOB@N/T``: a fairness job with N sites (the paper setting of the classification benchmark: N clients, N/5 of
   them corrupted) on T simulator workers; with T < N FLARE runs the sites' tasks in turn on T worker processes,
   each site's state kept in its app folder between turns. This is how 20 to 100 sites fit on one small machine.
+  Cross-site evaluation then scores the global model only (the local models would make it N x N tasks).
 
     python benchmarks/overhead.py                                    # bare, fedavg, fedda, fedavg_cls, fedism
     python benchmarks/overhead.py --runners bare fedavg --rounds 2 8 --repeats 2
@@ -45,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from jobtools import NVFLARE, copy_job  # noqa: E402
+from medflare.jobspec import get_job, write_job  # noqa: E402
 
 #: Training settings of the segmentation jobs, given to the bare loop so it does the same work.
 BARE_LOOP_SETTINGS = ["optimizer=sgd", "lr=0.03", "reset_optimizer=true", "server_momentum=0.5"]
@@ -117,13 +119,13 @@ def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
         return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
                 "--seeds", "0", "--set", *BARE_LOOP_SETTINGS], env
     name, n_sites, workers = parse_runner(runner)
-    client_args: Dict[str, object] = {"seed": 0}
-    server_args = None
-    if "@" in runner:
-        client_args["synthetic"] = {"n_clients": n_sites, "n_corrupted": n_sites // 5}
-        server_args = {"min_clients": n_sites}
-    job = copy_job(name, os.path.join(workdir, "job"), num_rounds=rounds, client_args=client_args,
-                   server_args=server_args)
+    if "@" in runner:  # many sites: cross-site evaluation of the global model only (N x N local models is N^2 tasks)
+        spec = get_job(name).with_changes(
+            executor_args={"seed": 0, "synthetic": {"n_clients": n_sites, "n_corrupted": n_sites // 5}},
+            num_rounds=rounds, n_sites=n_sites, name_sites=False, cross_site_local_models=False)
+        job = write_job(spec, os.path.join(workdir, "job"))
+    else:
+        job = copy_job(name, os.path.join(workdir, "job"), num_rounds=rounds, client_args={"seed": 0})
     ws = os.path.join(workdir, "ws")
     return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(workers)], env
 
