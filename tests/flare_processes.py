@@ -97,3 +97,26 @@ def stop_all(tracker: ProcessTracker, grace: float = 30.0) -> Dict[str, List[int
     report = tracker.stop(grace=grace)
     report["left_running"] = tracker.alive()
     return report
+
+
+def restart_kit(kit: str, env: Dict[str, str], tracker: ProcessTracker, timeout: float = 60.0) -> None:
+    """Start a participant again after its processes died (a crash): remove the pid files the dead processes left
+    (``start_kit`` waits for fresh ones), then :func:`start_kit`."""
+    for name in ("daemon_pid.fl", "pid.fl"):
+        path = os.path.join(kit, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    start_kit(kit, env, tracker, timeout)
+
+
+def kill_participant(tracker: ProcessTracker) -> List[int]:
+    """Crash a participant: SIGKILL every live process of ``tracker`` (its restart loop, the server or client, and
+    its job processes, found by :meth:`ProcessTracker.refresh`); returns the ids killed."""
+    import signal
+
+    tracker.refresh()
+    killed = tracker.signal_all(signal.SIGKILL)
+    left = tracker.wait_gone(15.0)
+    if left:
+        raise RuntimeError(f"processes {left} survived SIGKILL")
+    return killed
