@@ -50,7 +50,7 @@ def test_client_state_survives_worker_restarts(tmp_path):
     assert proc.returncode == 0
     assert not error_lines(ws), error_lines(ws)[:10]
     with open(os.path.join(ws, "site-1", "log.txt")) as f:
-        assert "restored client state after 1 rounds" in f.read()
+        assert "restored client state (after 1 rounds)" in f.read()
     check_run(os.path.join(ws, "server", "simulate_job"), ["site-1", "site-2"], 2)
 
 
