@@ -18,7 +18,7 @@ from medflare.inference.inputs import segmentation_cases
 from medflare.inference.segmentation import Segmenter, segment_cases
 from medflare.trained_model import available_models, load_checkpoint, load_trained_model
 
-from trained_models import nifti, segmentation_persistor, synthetic_datalist, train_briefly, write_checkpoint
+from trained_models import briefly_trained_model, nifti, segmentation_persistor, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,13 +43,22 @@ def label_agreement(dir_a: str, dir_b: str) -> float:
     return same / total
 
 
+def bundle_agreement(bundle: str, model, cases, tmp_path) -> float:
+    """Run the bundle with MONAI's runner and ``model`` with medflare's inference on the images of ``cases``;
+    return the fraction of voxels on which their label maps agree."""
+    images = str(tmp_path / "images")
+    os.makedirs(images)
+    for case in cases:
+        shutil.copy(case.image, images)
+    run = run_monai_bundle(bundle, images, str(tmp_path / "monai_out"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    segment_cases(Segmenter(model, torch.device("cpu")), segmentation_cases(images), str(tmp_path / "medflare_out"))
+    return label_agreement(str(tmp_path / "monai_out"), str(tmp_path / "medflare_out"))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    datalist = synthetic_datalist()
-    persistor = segmentation_persistor({"spatial_size": (32, 32)})
-    train_briefly(persistor, datalist)
-    path = str(tmp_path_factory.mktemp("trained") / "FL_global_model.pt")
-    return load_checkpoint(write_checkpoint(path, persistor)), datalist
+    return briefly_trained_model(str(tmp_path_factory.mktemp("trained")))
 
 
 def test_bundle_is_verified_and_runs_like_medflare_inference(trained, tmp_path):
@@ -62,15 +71,7 @@ def test_bundle_is_verified_and_runs_like_medflare_inference(trained, tmp_path):
     readme = open(os.path.join(bundle, "docs", "README.md")).read()
     assert "job: `test_job`" in readme and "python -m monai.bundle run" in readme
 
-    images = str(tmp_path / "images")
-    os.makedirs(images)
-    cases = segmentation_cases(datalist, key="test")[:3]
-    for case in cases:
-        shutil.copy(case.image, images)
-    run = run_monai_bundle(bundle, images, str(tmp_path / "monai_out"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    segment_cases(Segmenter(model, torch.device("cpu")), segmentation_cases(images), str(tmp_path / "medflare_out"))
-    agreement = label_agreement(str(tmp_path / "monai_out"), str(tmp_path / "medflare_out"))
+    agreement = bundle_agreement(bundle, model, segmentation_cases(datalist, key="test")[:3], tmp_path)
     print(f"voxel agreement between the MONAI bundle and medflare inference: {agreement:.6f}")
     assert agreement >= 0.999
 

@@ -19,7 +19,7 @@ from medflare.metrics import evaluate_segmentation
 from medflare.provenance import ProvenanceError
 from medflare.trained_model import load_checkpoint
 
-from trained_models import nifti, segmentation_persistor, synthetic_datalist, train_briefly, write_checkpoint
+from trained_models import briefly_trained_model, nifti, segmentation_persistor, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -109,11 +109,7 @@ def test_dicom_series_keeps_geometry(model_3d, tmp_path):
 @pytest.fixture(scope="module")
 def trained_on_benchmark(tmp_path_factory):
     """A briefly trained 2D model and the synthetic site whose test list it is scored on."""
-    datalist = synthetic_datalist()
-    persistor = segmentation_persistor({"spatial_size": (32, 32)})
-    train_briefly(persistor, datalist)
-    path = str(tmp_path_factory.mktemp("trained") / "FL_global_model.pt")
-    return load_checkpoint(write_checkpoint(path, persistor)), datalist
+    return briefly_trained_model(str(tmp_path_factory.mktemp("trained")))
 
 
 def test_datalist_dice_equals_cross_site_evaluation(trained_on_benchmark, tmp_path):

@@ -20,6 +20,7 @@ from medflare.data.datalist import load_items, read_datalist
 from medflare.data.synthetic import ensure_site_dataset
 from medflare.persistors import ModelPersistor
 from medflare.provenance import executor_preprocessing
+from medflare.trained_model import load_checkpoint
 
 
 def write_checkpoint(path: str, persistor: ModelPersistor, model_name: str = "global",
@@ -73,3 +74,12 @@ def nifti(path: str, array: np.ndarray, affine: Optional[np.ndarray] = None) -> 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     nib.save(nib.Nifti1Image(array, affine), path)
     return path
+
+
+def briefly_trained_model(folder: str) -> tuple:
+    """A 2D model trained for a few epochs on a small synthetic site, loaded from its checkpoint in ``folder``;
+    returns ``(trained model, the site's datalist)``."""
+    datalist = synthetic_datalist()
+    persistor = segmentation_persistor({"spatial_size": (32, 32)})
+    train_briefly(persistor, datalist)
+    return load_checkpoint(write_checkpoint(os.path.join(folder, "FL_global_model.pt"), persistor)), datalist
