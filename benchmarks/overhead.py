@@ -45,7 +45,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from jobtools import NVFLARE, copy_job  # noqa: E402
+from jobtools import NVFLARE  # noqa: E402
 from medflare.jobspec import get_job, write_job  # noqa: E402
 
 #: Training settings of the segmentation jobs, given to the bare loop so it does the same work.
@@ -119,13 +119,13 @@ def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
         return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
                 "--seeds", "0", "--set", *BARE_LOOP_SETTINGS], env
     name, n_sites, workers = parse_runner(runner)
+    executor_args: Dict[str, object] = {"seed": 0}
+    changes: Dict[str, object] = {}
     if "@" in runner:  # many sites: cross-site evaluation of the global model only (N x N local models is N^2 tasks)
-        spec = get_job(name).with_changes(
-            executor_args={"seed": 0, "synthetic": {"n_clients": n_sites, "n_corrupted": n_sites // 5}},
-            num_rounds=rounds, n_sites=n_sites, name_sites=False, cross_site_local_models=False)
-        job = write_job(spec, os.path.join(workdir, "job"))
-    else:
-        job = copy_job(name, os.path.join(workdir, "job"), num_rounds=rounds, client_args={"seed": 0})
+        executor_args["synthetic"] = {"n_clients": n_sites, "n_corrupted": n_sites // 5}
+        changes = {"n_sites": n_sites, "cross_site_local_models": False}
+    spec = get_job(name).with_changes(executor_args=executor_args, num_rounds=rounds, name_sites=False, **changes)
+    job = write_job(spec, os.path.join(workdir, "job"))
     ws = os.path.join(workdir, "ws")
     return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(workers)], env
 
