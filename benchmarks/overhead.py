@@ -36,7 +36,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import datetime
+import re
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -45,6 +47,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from compare import parse_method  # noqa: E402
 from jobtools import NVFLARE  # noqa: E402
 from medflare.jobspec import get_job, write_job  # noqa: E402
 
@@ -57,12 +60,49 @@ SEGMENTATION_SITES = 3
 
 @dataclass
 class Measurement:
-    """One run: its wall time and the peak PSS of its process tree."""
+    """One run: its wall time, the peak PSS of its process tree and that PSS at the start of every round."""
 
     runner: str
     rounds: int
     seconds: float
     peak_pss_mb: float
+    round_pss_mb: List[float] = field(default_factory=list)
+
+
+ROUND_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) - INFO - Round (\d+) started")
+
+
+def round_start_times(log: str) -> List[float]:
+    """Epoch seconds at which the server log in ``log`` says each training round started (local-time stamps)."""
+    times = []
+    with open(log, errors="replace") as f:
+        for line in f:
+            m = ROUND_START.match(line)
+            if m:
+                times.append(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
+
+
+def pss_at(samples: Sequence[tuple], times: Sequence[float]) -> List[float]:
+    """The first PSS sample taken at or after each of ``times`` (``samples``: (epoch s, MiB), in time order);
+    times after the last sample are left out."""
+    out, i = [], 0
+    for t in times:
+        while i < len(samples) and samples[i][0] < t:
+            i += 1
+        if i == len(samples):
+            break
+        out.append(samples[i][1])
+    return out
+
+
+def growth_per_round(round_pss: Sequence[float], skip: float = 0.2) -> Optional[float]:
+    """Slope (MiB per round) of a line through the PSS at each round's start, leaving out the first ``skip``
+    fraction of the rounds (start-up: imports, data, allocator warm-up); ``None`` with fewer than 5 rounds left."""
+    points = list(round_pss)[max(2, int(len(round_pss) * skip)):]
+    if len(points) < 5:
+        return None
+    return float(np.polyfit(np.arange(len(points), dtype=float), np.array(points), 1)[0])
 
 
 def tree_pss_mb(root: psutil.Process) -> float:
@@ -77,8 +117,9 @@ def tree_pss_mb(root: psutil.Process) -> float:
 
 
 def run_measured(cmd: Sequence[str], log: str, sample_s: float, env: Optional[Dict[str, str]] = None) -> tuple:
-    """Run ``cmd`` to completion; return (wall seconds, peak tree PSS in MiB). Raises if it fails."""
-    peak = [0.0]
+    """Run ``cmd`` to completion; return (wall seconds, peak tree PSS in MiB, [(epoch s, tree PSS MiB)...]).
+    Raises if it fails."""
+    samples: List[tuple] = []
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -87,7 +128,7 @@ def run_measured(cmd: Sequence[str], log: str, sample_s: float, env: Optional[Di
         def sample() -> None:
             while proc.poll() is None:
                 try:
-                    peak[0] = max(peak[0], tree_pss_mb(root))
+                    samples.append((time.time(), tree_pss_mb(root)))
                 except psutil.NoSuchProcess:
                     return
                 time.sleep(sample_s)
@@ -99,32 +140,39 @@ def run_measured(cmd: Sequence[str], log: str, sample_s: float, env: Optional[Di
         sampler.join(timeout=5)
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {code}); see {log}")
-    return seconds, peak[0]
+    return seconds, max((pss for _, pss in samples), default=0.0), samples
 
 
 def parse_runner(runner: str) -> tuple:
-    """``"fedavg_cls@20/2"`` -> (job, sites, workers); a plain job name gets its benchmark's sites, one worker each."""
-    name, _, scale = runner.partition("@")
+    """``"fedavg_cls@20/2"`` -> (job, sites, workers, executor args, controller args); a plain job name gets its
+    benchmark's sites, one worker each. A variant ``JOB:key=value,ctl.key=value`` changes executor arguments and
+    (``ctl.``) controller arguments, e.g. ``fedavg:evaluate_local_model=false,ctl.memory_gc_rounds=1``."""
+    head, _, scale = runner.partition("@")
+    name, overrides = parse_method(head)
+    executor = {k: v for k, v in overrides.items() if not k.startswith("ctl.")}
+    controller = {k[4:]: v for k, v in overrides.items() if k.startswith("ctl.")}
     default_sites = FAIRNESS_SITES if name.endswith("_cls") or name.startswith("fedism") else SEGMENTATION_SITES
     if not scale:
-        return name, default_sites, default_sites
+        return name, default_sites, default_sites, executor, controller
     sites, _, workers = scale.partition("/")
-    return name, int(sites), int(workers or sites)
+    return name, int(sites), int(workers or sites), executor, controller
 
 
 def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
     """The command (and environment) that makes ``runner`` do ``rounds`` rounds of the shared work."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if runner == "bare":
+    if runner.startswith("bare"):  # "bare" or "bare:threads=2"
+        settings = [f"{k}={v}" for k, v in parse_method(runner)[1].items()]
         return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
-                "--seeds", "0", "--set", *BARE_LOOP_SETTINGS], env
-    name, n_sites, workers = parse_runner(runner)
-    executor_args: Dict[str, object] = {"seed": 0}
+                "--seeds", "0", "--set", *BARE_LOOP_SETTINGS, *settings], env
+    name, n_sites, workers, executor_args, controller_args = parse_runner(runner)
+    executor_args = {"seed": 0, **executor_args}
     changes: Dict[str, object] = {}
     if "@" in runner:  # many sites: cross-site evaluation of the global model only (N x N local models is N^2 tasks)
         executor_args["synthetic"] = {"n_clients": n_sites, "n_corrupted": n_sites // 5}
         changes = {"n_sites": n_sites, "cross_site_local_models": False}
-    spec = get_job(name).with_changes(executor_args=executor_args, num_rounds=rounds, name_sites=False, **changes)
+    spec = get_job(name).with_changes(executor_args=executor_args, controller_args=controller_args,
+                                      num_rounds=rounds, name_sites=False, **changes)
     job = write_job(spec, os.path.join(workdir, "job"))
     ws = os.path.join(workdir, "ws")
     return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(workers)], env
@@ -137,12 +185,14 @@ def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_
     for rep in range(repeats):
         for r in rounds:
             for runner in runners:
-                workdir = tempfile.mkdtemp(prefix=f"{runner}_R{r}_", dir=scratch)
+                workdir = tempfile.mkdtemp(prefix=f"R{r}_", dir=scratch)
                 cmd, env = runner_command(runner, r, workdir)
-                seconds, pss = run_measured(cmd, os.path.join(workdir, "run.log"), sample_s, env)
-                results.append(Measurement(runner, r, seconds, pss))
-                print(f"[{rep + 1}/{repeats}] {runner:12s} R={r:3d}: {seconds:7.1f} s, peak PSS {pss:7.0f} MiB",
-                      flush=True)
+                log = os.path.join(workdir, "run.log")
+                seconds, pss, samples = run_measured(cmd, log, sample_s, env)
+                results.append(Measurement(runner, r, seconds, pss, pss_at(samples, round_start_times(log))))
+                growth = growth_per_round(results[-1].round_pss_mb)
+                print(f"[{rep + 1}/{repeats}] {runner:12s} R={r:3d}: {seconds:7.1f} s, peak PSS {pss:7.0f} MiB"
+                      + (f", PSS growth {growth:+.2f} MiB per round" if growth is not None else ""), flush=True)
     return results
 
 

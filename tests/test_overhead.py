@@ -14,10 +14,25 @@ from overhead import Measurement  # noqa: E402
 
 
 def test_runner_specs_give_sites_and_workers():
-    assert overhead.parse_runner("fedavg") == ("fedavg", 3, 3)
-    assert overhead.parse_runner("fedism") == ("fedism", 4, 4)
-    assert overhead.parse_runner("fedavg_cls@100/2") == ("fedavg_cls", 100, 2)
-    assert overhead.parse_runner("fedavg_cls@10") == ("fedavg_cls", 10, 10)
+    assert overhead.parse_runner("fedavg") == ("fedavg", 3, 3, {}, {})
+    assert overhead.parse_runner("fedism") == ("fedism", 4, 4, {}, {})
+    assert overhead.parse_runner("fedavg_cls@100/2") == ("fedavg_cls", 100, 2, {}, {})
+    assert overhead.parse_runner("fedavg_cls@10") == ("fedavg_cls", 10, 10, {}, {})
+    assert overhead.parse_runner("fedavg:evaluate_local_model=false,ctl.memory_gc_rounds=1") == (
+        "fedavg", 3, 3, {"evaluate_local_model": False}, {"memory_gc_rounds": 1})
+
+
+def test_memory_per_round_from_the_server_log(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("".join(f"2026-01-01 00:00:{10 + 2 * r:02d},500 - INFO - Round {r} started.\n" for r in range(12))
+                   + "2026-01-01 00:00:40,000 - INFO - Round 11 finished.\n")
+    starts = overhead.round_start_times(str(log))
+    assert len(starts) == 12 and starts[1] - starts[0] == pytest.approx(2.0)
+    samples = [(starts[0] - 5 + 0.5 * k, 100.0 + 0.5 * k) for k in range(60)]  # PSS grows 1 MiB per second
+    per_round = overhead.pss_at(samples, starts)
+    assert len(per_round) == 12 and per_round[1] - per_round[0] == pytest.approx(2.0)
+    assert overhead.growth_per_round(per_round) == pytest.approx(2.0)  # 2 s per round
+    assert overhead.growth_per_round(per_round[:6]) is None
 
 
 def test_line_fit_recovers_fixed_cost_and_cost_per_round():

@@ -124,6 +124,26 @@ def test_classification_executor_sends_exactly_these_keys(tmp_path):
                     CLS_REPORT | {"sharpness", "loss_prev_local", "prev_local_round", "fedce_minus_score"})
 
 
+@pytest.mark.parametrize("cls, settings, model, metrics, report, local_key", [
+    (SegmentationExecutor, SEG, {"name": "unet"}, DICE, SEG_REPORT, "dice_local"),
+    (ClassificationExecutor, {**CLS, "reports": []}, {"name": "tiny_cnn", "in_channels": 1, "num_classes": 4},
+     CLS_METRICS, CLS_REPORT, "bacc_local")])
+def test_local_model_evaluation_can_be_switched_off(cls, settings, model, metrics, report, local_key, tmp_path):
+    weights = _numpy(model)
+    results = {}
+    for evaluate in (True, False):
+        ex = _executor(cls, tmp_path / str(evaluate), evaluate_local_model=evaluate, **settings)
+        calls = []
+        measure = ex.local_metrics
+        ex.local_metrics = lambda: calls.append(1) or measure()
+        results[evaluate] = ex.execute(AppConstants.TASK_TRAIN, _server_task(weights, "site-1"), FLContext(), Signal())
+        assert len(calls) == int(evaluate)
+    on = _check_outbound(results[True], set(weights), metrics, report)
+    off = _check_outbound(results[False], set(weights), metrics, report - {local_key})
+    for k in weights:  # the same training: only the report differs
+        np.testing.assert_array_equal(on.data[k], off.data[k])
+
+
 def test_site_policy_limits_what_leaves_the_site(tmp_path):
     ex = _executor(SegmentationExecutor, tmp_path, **SEG)
     ex.policy = parse_site_policy({"send_weight_differences": True}, "test policy")  # curves, local model: off

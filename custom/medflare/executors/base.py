@@ -53,16 +53,22 @@ class SiteExecutor(Executor):
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
         send_weight_differences: send ``WEIGHT_DIFF`` (local minus received global weights) instead of ``WEIGHTS``,
             e.g. for FLARE's percentile or SVT privacy filters (a site's policy can ask for it too).
+        evaluate_local_model: after training, score the new local model on the site's evaluation split and report
+            it (``dice_local`` / ``bacc_local``: how far local training moved the site from the global model). It
+            costs one pass over the validation split per round (about 8% of a segmentation site's round on the
+            built-in benchmark, see ``docs/performance.md``); ``false`` skips it and drops the scalar.
     """
 
     state_file = STATE_FILE
     state_keys: Sequence[str] = ("local_weights", "optimizer")
     key_metric = "dice"
 
-    def __init__(self, tb_writer_id: str = "tb_writer", send_weight_differences: bool = False) -> None:
+    def __init__(self, tb_writer_id: str = "tb_writer", send_weight_differences: bool = False,
+                 evaluate_local_model: bool = True) -> None:
         super().__init__()
         self.tb_writer_id = tb_writer_id
         self.send_weight_differences = send_weight_differences
+        self.evaluate_local_model = evaluate_local_model
         self.policy: SitePolicy = RESEARCH_DEFAULT
         self.site: str = ""
         self._app_dir = ""
@@ -124,12 +130,14 @@ class SiteExecutor(Executor):
         """Called just before local training (learning rate, alignment targets...)."""
 
     def local_metrics(self) -> Dict[str, float]:
-        """Metrics of the freshly trained local model (must include ``key_metric``)."""
+        """Metrics of the freshly trained local model (must include ``key_metric``; called only when
+        ``evaluate_local_model``)."""
         raise NotImplementedError
 
     def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
                        seconds: float) -> Dict[str, Any]:
-        """The documented scalars sent with the local weights, from what :meth:`assess_global_model` reported."""
+        """The documented scalars sent with the local weights, from what :meth:`assess_global_model` reported
+        (``local_metrics`` is empty when the local model is not evaluated)."""
         raise NotImplementedError
 
     def round_state(self) -> Dict[str, Any]:
@@ -182,13 +190,14 @@ class SiteExecutor(Executor):
             self.log_info(fl_ctx, "training aborted")
             return make_reply(ReturnCode.TASK_ABORTED)
         seconds = time.time() - start
-        local = self.local_metrics()
-        self._tb_scalar(f"local_{self.key_metric}", local[self.key_metric], rnd)
+        local = self.local_metrics() if self.evaluate_local_model else {}
+        if local:
+            self._tb_scalar(f"local_{self.key_metric}", local[self.key_metric], rnd)
         self.local_weights = weights_to_numpy(self.model)
         self.local_round = rnd
         self._save_state()
-        self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s, local model "
-                              f"{self.key_metric} {local[self.key_metric]:.4f}")
+        self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s"
+                      + (f", local model {self.key_metric} {local[self.key_metric]:.4f}" if local else ""))
         report = self.trained_report(report, local, result.losses, seconds)
         return self._train_result(len(self.data.train), global_metrics, report, received=global_weights)
 

@@ -78,6 +78,8 @@ class ClassificationExecutor(SiteExecutor):
         tb_writer_id: id of the client's ``TBWriter`` component ("" disables TensorBoard).
         send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
             SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
+        evaluate_local_model: report ``bacc_local``, the trained local model's validation balanced accuracy (see
+            :class:`~medflare.executors.base.SiteExecutor`).
     """
 
     state_file = "medflare_cls_client_state.pt"
@@ -90,8 +92,8 @@ class ClassificationExecutor(SiteExecutor):
                  rho_schedule_p: Optional[float] = None, tau: float = 1.0, reports: Sequence[str] = ALL_REPORTS,
                  global_test_sites: Optional[Sequence[str]] = None, eval_batch_size: int = 128, seed: int = 0,
                  device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
-                 send_weight_differences: bool = False) -> None:
-        super().__init__(tb_writer_id, send_weight_differences)
+                 send_weight_differences: bool = False, evaluate_local_model: bool = True) -> None:
+        super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         unknown = set(reports) - set(ALL_REPORTS)
         if unknown:
             raise ValueError(f"unknown reports {sorted(unknown)}; known: {list(ALL_REPORTS)}")
@@ -212,5 +214,5 @@ class ClassificationExecutor(SiteExecutor):
     def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
                        seconds: float) -> Dict[str, Any]:
         return {**report, "quality": self.data.quality, "n_train": len(self.data.train), "n_val": len(self.data.val),
-                "bacc_local": local_metrics["bacc"], "train_seconds": round(seconds, 2),
+                **({"bacc_local": local_metrics["bacc"]} if local_metrics else {}), "train_seconds": round(seconds, 2),
                 "probe_seconds": round(self._probe_seconds, 2), "train_loss": losses.get("loss", 0.0)}

@@ -70,6 +70,8 @@ class SegmentationExecutor(SiteExecutor):
         eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
         send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
             SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
+        evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
+            :class:`~medflare.executors.base.SiteExecutor`).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 3,
@@ -79,8 +81,9 @@ class SegmentationExecutor(SiteExecutor):
                  lr: float = DEFAULT_LR, optimizer: str = DEFAULT_OPTIMIZER, reset_optimizer: bool = True,
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
-                 eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False) -> None:
-        super().__init__(tb_writer_id, send_weight_differences)
+                 eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
+                 evaluate_local_model: bool = True) -> None:
+        super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
                               spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
                               intensity=intensity, window=tuple(window) if window else None)
@@ -193,5 +196,6 @@ class SegmentationExecutor(SiteExecutor):
     def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
                        seconds: float) -> Dict[str, Any]:
         return {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
-                **report, "dice_local": local_metrics["dice"], "train_seconds": round(seconds, 2),
+                **report, **({"dice_local": local_metrics["dice"]} if local_metrics else {}),
+                "train_seconds": round(seconds, 2),
                 **{f"train_{k}": v for k, v in losses.items()}}
