@@ -68,12 +68,36 @@ class LoopConfig:
     warmup_rounds: int = 2
 
 
+def benchmark_of(cfg: LoopConfig) -> tuple:
+    """The built-in benchmark ``cfg`` runs on: (synthetic settings, image spec, site names)."""
+    syn = SyntheticSegConfig(**{**cfg.synthetic, "seed": cfg.synthetic.get("seed", cfg.seed)})
+    spec = ImageSpec(spatial_dims=syn.spatial_dims, spatial_size=(syn.size,) * syn.spatial_dims)
+    return syn, spec, [f"site-{k + 1}" for k in range(len(syn.modalities))]
+
+
+def trainer_args(cfg: LoopConfig) -> Dict[str, Any]:
+    """Keyword arguments of every site's trainer."""
+    return dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer, reset_optimizer=cfg.reset_optimizer)
+
+
+def server_step(cfg: LoopConfig, global_w: Dict[str, np.ndarray], avg: Dict[str, np.ndarray],
+                velocity: Optional[Dict[str, np.ndarray]], param_names: set) -> tuple:
+    """The next global model from the sites' average, and the server momentum: as FLARE's FedOpt, an SGD step on
+    the parameters and the plain average for buffers (``server_lr=1, server_momentum=0`` is plain FedAvg)."""
+    if cfg.server_lr == 1.0 and cfg.server_momentum == 0.0:
+        return avg, velocity
+    step = {k: global_w[k] - avg[k] for k in param_names}
+    if velocity is None:
+        velocity = {k: np.zeros_like(v) for k, v in step.items()}
+    velocity = {k: cfg.server_momentum * velocity[k] + step[k] for k in step}
+    return {k: (global_w[k] - cfg.server_lr * velocity[k]).astype(global_w[k].dtype)
+            if k in param_names else avg[k] for k in global_w}, velocity
+
+
 def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     """Train ``cfg.rounds`` rounds; return per-round per-site val/test Dice and timings."""
     torch.set_num_threads(cfg.threads)
-    syn = SyntheticSegConfig(**{**cfg.synthetic, "seed": cfg.synthetic.get("seed", cfg.seed)})
-    spec = ImageSpec(spatial_dims=syn.spatial_dims, spatial_size=(syn.size,) * syn.spatial_dims)
-    sites = [f"site-{k + 1}" for k in range(len(syn.modalities))]
+    syn, spec, sites = benchmark_of(cfg)
     start = time.time()
     data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
     device = torch.device("cpu")
@@ -87,8 +111,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     global_w = weights_to_numpy(global_model)
     param_names = {name for name, _ in global_model.named_parameters()}
     trainers = {}
-    train_args = dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer,
-                      reset_optimizer=cfg.reset_optimizer)
+    train_args = trainer_args(cfg)
     for i, s in enumerate(sites):
         torch.manual_seed(cfg.seed)
         if cfg.method == "fedda":
@@ -131,16 +154,8 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
                 tr.current_weight = adversarial_weight(rnd, cfg.adv_weight, cfg.warmup_rounds)
             tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
             updates[s] = weights_to_numpy(tr.model)
-        avg = weighted_average(updates, sample_weights(n))
-        if cfg.server_lr == 1.0 and cfg.server_momentum == 0.0:
-            global_w = avg
-        else:  # as FLARE's FedOpt: an SGD step on the parameters, the plain average for buffers
-            step = {k: global_w[k] - avg[k] for k in param_names}
-            if velocity is None:
-                velocity = {k: np.zeros_like(v) for k, v in step.items()}
-            velocity = {k: cfg.server_momentum * velocity[k] + step[k] for k in step}
-            global_w = {k: (global_w[k] - cfg.server_lr * velocity[k]).astype(global_w[k].dtype)
-                        if k in param_names else avg[k] for k in global_w}
+        global_w, velocity = server_step(cfg, global_w, weighted_average(updates, sample_weights(n)), velocity,
+                                         param_names)
         train_s += time.time() - t0
     mean_test = [float(np.mean(list(r["test"].values()))) for r in rounds]
     worst_test = [float(np.min(list(r["test"].values()))) for r in rounds]

@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
-"""What FLARE and the bundle cost on top of training: fixed cost, cost per round and memory, against the bare loop.
+"""What FLARE and the bundle cost on top of training: fixed cost, cost per round and memory, against the floor.
 
 Each runner does the same work at two round counts (``--rounds 2 8`` by default), and the runs are interleaved
 (runner A at R1, B at R1, ..., A at R2, B at R2, ...; repeated ``--repeats`` times) so a machine that slows down
 mid-way slows every runner alike. A straight line through (R, wall time) gives each runner's fixed cost (start,
-data, cross-site evaluation, stop) and its cost per round; their excess over the bare loop is what the
+data, cross-site evaluation, stop) and its cost per round; their excess over the floor is what the
 orchestration adds. Peak memory is the largest sum of proportional set sizes (PSS) over the runner's process tree,
-sampled every ``--sample`` seconds.
+sampled every ``--sample`` seconds; the PSS at the start of every round (read against the server log's round
+starts) gives the growth per round of long runs (``--rounds 2 50``).
 
 Runners:
 
-* ``bare``: :mod:`bare_loop` (one process, no messaging) with the segmentation jobs' training settings: the floor.
+* ``floor``: :mod:`parallel_floor`, the segmentation jobs' work and training settings with one process per site
+  and no framework (the sites train at the same time, as in the simulator): the floor the jobs are measured
+  against.
+* ``bare``: :mod:`bare_loop`, the same work in one process, the sites one after another (``bare:threads=2``
+  gives it two threads).
+* ``stock``: stock FLARE 2.9 on the same work: its ``FedAvgRecipe`` (FedAvg controller, Client API executor,
+  default settings) with :mod:`stock_flare.client`, a training script doing a medflare segmentation site's work.
 * any job folder under ``jobs/`` (``fedavg``, ``fedda``, ``fedavg_cls``, ``fedism`` ...), run with
   ``nvflare simulator -n N -t N`` on its built-in benchmark (3 sites for segmentation, 4 for the fairness jobs).
+* ``JOB:key=value,ctl.key=value``: a job with other executor or (``ctl.``) controller arguments, e.g.
+  ``fedavg:evaluate_local_model=false`` or ``fedavg:ctl.memory_gc_rounds=1``.
 * ``JOB@N/T``: a fairness job with N sites (the paper setting of the classification benchmark: N clients, N/5 of
   them corrupted) on T simulator workers; with T < N FLARE runs the sites' tasks in turn on T worker processes,
   each site's state kept in its app folder between turns. This is how 20 to 100 sites fit on one small machine.
   Cross-site evaluation then scores the global model only (the local models would make it N x N tasks).
 
-    python benchmarks/overhead.py                                    # bare, fedavg, fedda, fedavg_cls, fedism
-    python benchmarks/overhead.py --runners bare fedavg --rounds 2 8 --repeats 2
+    python benchmarks/overhead.py --repeats 3                      # floor, fedavg, fedda, fedavg_cls, fedism
+    python benchmarks/overhead.py --runners floor fedavg fedavg:evaluate_local_model=false --rounds 2 8
+    python benchmarks/overhead.py --runners fedavg --rounds 2 50      # memory growth per round
     python benchmarks/overhead.py --runners fedavg_cls@20/2 fedavg_cls@50/2 fedavg_cls@100/2 --rounds 1 2
 
 Prints a Markdown table (and writes it to ``--out`` with the raw timings as JSON). Do not run anything else on the
@@ -96,9 +106,10 @@ def pss_at(samples: Sequence[tuple], times: Sequence[float]) -> List[float]:
     return out
 
 
-def growth_per_round(round_pss: Sequence[float], skip: float = 0.2) -> Optional[float]:
+def growth_per_round(round_pss: Sequence[float], skip: float = 0.5) -> Optional[float]:
     """Slope (MiB per round) of a line through the PSS at each round's start, leaving out the first ``skip``
-    fraction of the rounds (start-up: imports, data, allocator warm-up); ``None`` with fewer than 5 rounds left."""
+    fraction of the rounds (start-up: imports, data, and the allocators' warm-up, which at the sites lasts about 20
+    rounds of the built-in benchmark); ``None`` with fewer than 5 rounds left."""
     points = list(round_pss)[max(2, int(len(round_pss) * skip)):]
     if len(points) < 5:
         return None
@@ -158,13 +169,31 @@ def parse_runner(runner: str) -> tuple:
     return name, int(sites), int(workers or sites), executor, controller
 
 
+def stock_job(rounds: int, workdir: str) -> str:
+    """Export stock FLARE's ``FedAvgRecipe`` with :mod:`stock_flare.client` (the segmentation benchmark's work
+    through FLARE's Client API) into ``workdir``; returns the job folder."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+    recipe = FedAvgRecipe(name="stock_fedavg", min_clients=SEGMENTATION_SITES, num_rounds=rounds,
+                          model={"class_path": "medflare.networks.FeatureUNet", "args": {"spatial_dims": 2}},
+                          train_script=os.path.join(ROOT, "benchmarks", "stock_flare", "client.py"),
+                          train_args="--seed 0", key_metric="dice")
+    recipe.export(os.path.join(workdir, "job"))
+    return os.path.join(workdir, "job", "stock_fedavg")
+
+
 def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
     """The command (and environment) that makes ``runner`` do ``rounds`` rounds of the shared work."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if runner.startswith("bare"):  # "bare" or "bare:threads=2"
-        settings = [f"{k}={v}" for k, v in parse_method(runner)[1].items()]
-        return [sys.executable, os.path.join(ROOT, "benchmarks", "bare_loop.py"), "--rounds", str(rounds),
-                "--seeds", "0", "--set", *BARE_LOOP_SETTINGS, *settings], env
+    if runner.startswith(("bare", "floor")):  # e.g. "bare", "bare:threads=2", "floor"
+        name, settings = parse_method(runner)
+        script, seeds = ("bare_loop.py", ["--seeds", "0"]) if name == "bare" else ("parallel_floor.py", [])
+        return [sys.executable, os.path.join(ROOT, "benchmarks", script), "--rounds", str(rounds), *seeds,
+                "--set", *BARE_LOOP_SETTINGS, *[f"{k}={v}" for k, v in settings.items()]], env
+    if runner == "stock":  # stock FLARE on the same work; the script imports medflare's data and network
+        env["PYTHONPATH"] = os.path.join(ROOT, "custom")
+        return [NVFLARE, "simulator", stock_job(rounds, workdir), "-w", os.path.join(workdir, "ws"),
+                "-n", str(SEGMENTATION_SITES), "-t", str(SEGMENTATION_SITES)], env
     name, n_sites, workers, executor_args, controller_args = parse_runner(runner)
     executor_args = {"seed": 0, **executor_args}
     changes: Dict[str, object] = {}
@@ -204,23 +233,28 @@ def line_fit(points: Sequence[Measurement]) -> tuple:
     return float(fixed), float(per_round)
 
 
-def summarise(results: Sequence[Measurement], floor: str = "bare",
+def summarise(results: Sequence[Measurement], floor: Optional[str] = None,
               method_pairs: Sequence[tuple] = (("fedda", "fedavg"), ("fedism", "fedavg_cls"))) -> str:
-    """Markdown table: per runner fixed cost, cost per round, excess over ``floor``, wall at the largest R, PSS."""
+    """Markdown table: per runner fixed cost, cost per round, excess over ``floor`` (default: ``floor`` if it ran,
+    else ``bare``), wall at the largest R, peak PSS and PSS growth per round (at the largest R)."""
     runners = list(dict.fromkeys(m.runner for m in results))
+    floor = floor or ("floor" if "floor" in runners else "bare")
     fits = {name: line_fit([m for m in results if m.runner == name]) for name in runners}
     top = max(m.rounds for m in results)
     lines = [f"| runner | fixed cost s | cost per round s | fixed over {floor} s | per round over {floor} s | "
-             f"wall at R = {top} s | peak PSS MiB |", "|---|---|---|---|---|---|---|"]
+             f"wall at R = {top} s | peak PSS MiB | PSS growth MiB per round |", "|---|---|---|---|---|---|---|---|"]
     for name in runners:
         fixed, per_round = fits[name]
         wall = np.median([m.seconds for m in results if m.runner == name and m.rounds == top])
         pss = max(m.peak_pss_mb for m in results if m.runner == name)
+        growths = [g for m in results if m.runner == name and m.rounds == top
+                   for g in [growth_per_round(m.round_pss_mb)] if g is not None]
+        growth = f"{np.median(growths):+.2f}" if growths else "–"
         if floor in fits and name != floor:
             over = f"{fixed - fits[floor][0]:+.1f} | {per_round - fits[floor][1]:+.2f}"
         else:
             over = "– | –"
-        lines.append(f"| {name} | {fixed:.1f} | {per_round:.2f} | {over} | {wall:.1f} | {pss:.0f} |")
+        lines.append(f"| {name} | {fixed:.1f} | {per_round:.2f} | {over} | {wall:.1f} | {pss:.0f} | {growth} |")
     ratios = [f"{a} / {b} per round: {fits[a][1] / fits[b][1]:.2f}x"
               for a, b in method_pairs if a in fits and b in fits and fits[b][1] > 0]
     return "\n".join(lines + ([""] + ["Method cost: " + "; ".join(ratios)] if ratios else []))
@@ -228,7 +262,7 @@ def summarise(results: Sequence[Measurement], floor: str = "bare",
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runners", nargs="+", default=["bare", "fedavg", "fedda", "fedavg_cls", "fedism"])
+    ap.add_argument("--runners", nargs="+", default=["floor", "fedavg", "fedda", "fedavg_cls", "fedism"])
     ap.add_argument("--rounds", type=int, nargs=2, default=[2, 8], metavar=("R1", "R2"))
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--sample", type=float, default=1.0, help="seconds between memory samples")

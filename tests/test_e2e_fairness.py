@@ -5,11 +5,13 @@ import csv
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from flare_runs import error_lines, prepare_job, run_simulator
+from flare_runs import REPO, error_lines, prepare_job, run_simulator
 
 from medflare.networks import build_model
 
@@ -99,3 +101,27 @@ def test_fedga_statistics_survive_worker_restarts(tmp_path):
         assert "restored client state (local model of round 0)" in f.read()
     summary = check_classification_run(os.path.join(ws, "server", "simulate_job"), SITES[:2], ROUNDS)
     assert all(m["prev_local_round"] == 0 for m in summary["rounds"][1]["sites"].values())
+
+
+@pytest.mark.slow
+def test_ten_sites_run_on_two_workers(tmp_path):
+    """The scale path of ``benchmarks/overhead.py`` (``fedavg_cls@10/2``): ten sites take turns on two simulator
+    workers, every site trains and is scored in the round, and cross-site evaluation scores the global model."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import overhead
+
+    cmd, env = overhead.runner_command("fedavg_cls@10/2", 1, str(tmp_path))
+    assert cmd[-4:] == ["-n", "10", "-t", "2"]
+    with open(tmp_path / "run.log", "w") as out:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+    ws = str(tmp_path / "ws")
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert not error_lines(ws), error_lines(ws)[:10]
+    sites = [f"site-{i + 1}" for i in range(10)]
+    run_dir = os.path.join(ws, "server", "simulate_job")
+    summary = check_classification_run(run_dir, sites, 1)
+    assert len({m["quality"] for m in summary["rounds"][0]["sites"].values()}) == 2  # clean and corrupted sites
+    with open(os.path.join(run_dir, "cross_site_val", "cross_val_results.json")) as f:
+        cross = json.load(f)
+    assert sorted(cross) == sorted(sites) and all(set(v) == {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"}
+                                                  for v in cross.values())

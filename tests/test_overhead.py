@@ -32,7 +32,7 @@ def test_memory_per_round_from_the_server_log(tmp_path):
     per_round = overhead.pss_at(samples, starts)
     assert len(per_round) == 12 and per_round[1] - per_round[0] == pytest.approx(2.0)
     assert overhead.growth_per_round(per_round) == pytest.approx(2.0)  # 2 s per round
-    assert overhead.growth_per_round(per_round[:6]) is None
+    assert overhead.growth_per_round(per_round[:8]) is None
 
 
 def test_line_fit_recovers_fixed_cost_and_cost_per_round():
@@ -47,5 +47,5 @@ def test_table_gives_excess_over_the_floor_and_method_cost():
                Measurement("fedavg", 2, 30.0, 900), Measurement("fedavg", 8, 42.0, 950),
                Measurement("fedda", 2, 33.0, 1000), Measurement("fedda", 8, 51.0, 1100)]
     table = overhead.summarise(results)
-    assert "| fedavg | 26.0 | 2.00 | +18.0 | +1.00 | 42.0 | 950 |" in table
+    assert "| fedavg | 26.0 | 2.00 | +18.0 | +1.00 | 42.0 | 950 | – |" in table
     assert "fedda / fedavg per round: 1.50x" in table

@@ -37,6 +37,13 @@ EVENT_TO_FED = Component("nvflare.app_common.widgets.convert_to_fed_event.Conver
                          {"events_to_convert": ["analytix_log_stats"]})
 TB_RECEIVER = Component("nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                         {"events": ["fed.analytix_log_stats"]})
+ROUND_LOOP = {"task_check_period": 0.05}
+"""How often the server's workflows look at their tasks (FLARE's default, 0.5 s, adds a quarter of a second on
+average to every round between the last result and the aggregation; see docs/performance.md)."""
+MEMORY_GC_ROUNDS = 10
+"""ScatterAndGather's memory clean-up (``gc.collect`` and ``malloc_trim``) every this many rounds. FLARE's default,
+every round, took 0.2-0.3 s of each round on the server; the sites' memory levels off after about 20 rounds either
+way (docs/performance.md), and FLARE's own recipes switch the clean-up off by default."""
 MODEL_LOCATOR = Component("nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"})
 
 
@@ -179,9 +186,9 @@ def job_files(spec: JobSpec) -> Dict[str, Dict[str, Any]]:
     controller = Component(spec.controller, {
         "min_clients": "{min_clients}", "num_rounds": "{num_rounds}", "wait_time_after_min_received": 600, **metric,
         "aggregator_id": "aggregator", "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
-        **spec.controller_args})
+        **ROUND_LOOP, "memory_gc_rounds": MEMORY_GC_ROUNDS, **spec.controller_args})
     local_models = {} if spec.cross_site_local_models else {"submit_model_task_name": ""}
-    cross_site = Component(CROSS_SITE_EVAL, {"model_locator_id": "model_locator", **local_models})
+    cross_site = Component(CROSS_SITE_EVAL, {"model_locator_id": "model_locator", **ROUND_LOOP, **local_models})
     server_components = {
         "persistor": persistor, "shareable_generator": spec.shareable_generator, "aggregator": spec.aggregator,
         "model_selector": Component("nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector", metric),

@@ -18,6 +18,8 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch.utils.data import DataLoader, Dataset
 
+from .data.placement import loader_options
+
 
 def class_key(index: int, class_names: Optional[Sequence[str]] = None) -> str:
     """Metric name of a foreground class: ``dice_<name>`` (or ``dice_<index>`` without names)."""
@@ -47,11 +49,11 @@ def evaluate_segmentation(model: torch.nn.Module, dataset: Dataset, num_classes:
     was_training = model.training
     model.eval()
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False, num_classes=num_classes)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(dataset, device))
     n = 0
     for batch in loader:
-        images = batch["image"].to(device)
-        labels = batch["label"].to(device)
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
         if roi_size is not None:
             logits = sliding_window_inference(images, roi_size, batch_size, model)
         else:

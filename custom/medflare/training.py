@@ -16,6 +16,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data.placement import loader_options
+
 
 def fedprox_term(model: nn.Module, global_params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``0.5 * ||w - w_global||^2`` over the model's trainable parameters (multiply by mu outside)."""
@@ -85,10 +87,14 @@ class SegmentationTrainer:
         reset_optimizer: start every round (every call of :meth:`fit`) with a fresh optimiser, so no moment
             estimates from the site's previous round act on the newly received global model. ``False`` keeps the
             optimiser's state across rounds.
+        mixed_precision: run the training steps' forward passes under bfloat16 autocast (weights, gradients and
+            optimiser state stay float32; bfloat16 needs no loss scaling). Meant for GPUs with bfloat16 (Ampere and
+            later); it also runs, slowly, on a CPU.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float = 3e-3, fedprox_mu: float = 0.0,
-                 weight_decay: float = 0.0, optimizer: str = "adam", reset_optimizer: bool = True) -> None:
+                 weight_decay: float = 0.0, optimizer: str = "adam", reset_optimizer: bool = True,
+                 mixed_precision: bool = False) -> None:
         if fedprox_mu < 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
         self.model = model.to(device)
@@ -96,6 +102,7 @@ class SegmentationTrainer:
         self.fedprox_mu = fedprox_mu
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.reset_optimizer = reset_optimizer
+        self.mixed_precision = mixed_precision
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.optimizer = self.new_optimizer()
         self._global_params: Optional[Dict[str, torch.Tensor]] = None
@@ -144,11 +151,17 @@ class SegmentationTrainer:
         """Train for ``epochs`` passes over ``dataset`` (shuffled with ``seed``); stops early if ``should_stop()``."""
         self.start_round()
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False,
+                            **loader_options(dataset, self.device))
         self.model.train()
-        return run_epochs(loader, lambda batch: self.training_step(batch["image"].to(self.device),
-                                                                   batch["label"].to(self.device)),
-                          epochs, should_stop, on_epoch_end)
+
+        def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
+                return self.training_step(images, labels)
+
+        return run_epochs(loader, step, epochs, should_stop, on_epoch_end)
 
 
 def run_epochs(loader: Iterable[Dict[str, torch.Tensor]], step: Callable[[Dict[str, torch.Tensor]], Dict[str, float]],

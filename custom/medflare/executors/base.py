@@ -110,6 +110,9 @@ class SiteExecutor(Executor):
         """Load this site's data into ``self.data`` (and log what was loaded)."""
         raise NotImplementedError
 
+    def place_data(self, device: torch.device, fl_ctx: FLContext) -> None:
+        """Move what of ``self.data`` fits onto the training ``device`` (called once the device is known)."""
+
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> Any:
         """The local trainer (``fit``, ``optimizer``); algorithms that change the local objective return their own."""
         raise NotImplementedError
@@ -160,6 +163,7 @@ class SiteExecutor(Executor):
         threads = configure_torch(self.num_threads, self.seed)
         self.load_data(fl_ctx)
         self.device = resolve_device(self.device_name)
+        self.place_data(self.device, fl_ctx)
         self.model = build_model(self.model_name, **self.model_args).to(self.device)
         self.trainer = self.create_trainer(self.model, self.device)
         self.log_info(fl_ctx, f"site '{self.site}' trains on {self.device} ({threads} CPU threads)")

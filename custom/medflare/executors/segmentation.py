@@ -28,6 +28,7 @@ from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
+from ..data.placement import place_on_device
 from ..metrics import evaluate_segmentation
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
 from .base import SiteExecutor
@@ -70,6 +71,9 @@ class SegmentationExecutor(SiteExecutor):
         eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
         send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
             SVT privacy filters; see :class:`~medflare.executors.base.SiteExecutor`).
+        mixed_precision: train under bfloat16 autocast (for GPUs; see :class:`~medflare.training.SegmentationTrainer`).
+            On a CUDA device a site's in-memory data is also kept on the device when it fits
+            (:mod:`medflare.data.placement`).
         evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
             :class:`~medflare.executors.base.SiteExecutor`).
     """
@@ -82,8 +86,9 @@ class SegmentationExecutor(SiteExecutor):
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
-                 evaluate_local_model: bool = True) -> None:
+                 evaluate_local_model: bool = True, mixed_precision: bool = False) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
+        self.mixed_precision = mixed_precision
         self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
                               spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
                               intensity=intensity, window=tuple(window) if window else None)
@@ -116,7 +121,7 @@ class SegmentationExecutor(SiteExecutor):
     def trainer_args(self) -> Dict[str, Any]:
         """Keyword arguments every trainer of this executor takes (optimiser, learning rate, FedProx)."""
         return {"lr": self.lr, "fedprox_mu": self.fedprox_mu, "optimizer": self.optimizer,
-                "reset_optimizer": self.reset_optimizer}
+                "reset_optimizer": self.reset_optimizer, "mixed_precision": self.mixed_precision}
 
     def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
         """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
@@ -144,6 +149,16 @@ class SegmentationExecutor(SiteExecutor):
                               f"{time.time() - start:.1f}s")
         for note in ([self.data.test_note] if self.data.test_note else []) + self.data.warnings:
             self.log_warning(fl_ctx, note)
+
+    def place_data(self, device: torch.device, fl_ctx: FLContext) -> None:
+        placed = []
+        for split in ("train", "val", "test"):
+            dataset = getattr(self.data, split)
+            setattr(self.data, split, place_on_device(dataset, device))
+            if getattr(self.data, split) is not dataset:
+                placed.append(split)
+        if placed:
+            self.log_info(fl_ctx, f"site '{self.site}' keeps its {', '.join(placed)} data on {device}")
 
     state_keys = SiteExecutor.state_keys + ("rounds_done",)
 
