@@ -77,6 +77,7 @@ class Measurement:
     seconds: float
     peak_pss_mb: float
     round_pss_mb: List[float] = field(default_factory=list)
+    repeat: int = 0
 
 
 ROUND_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) - INFO - Round (\d+) started")
@@ -218,7 +219,7 @@ def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_
                 cmd, env = runner_command(runner, r, workdir)
                 log = os.path.join(workdir, "run.log")
                 seconds, pss, samples = run_measured(cmd, log, sample_s, env)
-                results.append(Measurement(runner, r, seconds, pss, pss_at(samples, round_start_times(log))))
+                results.append(Measurement(runner, r, seconds, pss, pss_at(samples, round_start_times(log)), rep))
                 growth = growth_per_round(results[-1].round_pss_mb)
                 print(f"[{rep + 1}/{repeats}] {runner:12s} R={r:3d}: {seconds:7.1f} s, peak PSS {pss:7.0f} MiB"
                       + (f", PSS growth {growth:+.2f} MiB per round" if growth is not None else ""), flush=True)
@@ -226,17 +227,35 @@ def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_
 
 
 def line_fit(points: Sequence[Measurement]) -> tuple:
-    """Least-squares (fixed cost, cost per round) through the (rounds, seconds) points."""
+    """Least-squares (fixed cost, cost per round) through the (rounds, seconds) points (NaN for one round count)."""
     r = np.array([p.rounds for p in points], dtype=float)
     t = np.array([p.seconds for p in points], dtype=float)
+    if len(set(r)) < 2:
+        return float("nan"), float("nan")
     per_round, fixed = np.polyfit(r, t, 1)
     return float(fixed), float(per_round)
 
 
+def per_round_spread(points: Sequence[Measurement]) -> Optional[tuple]:
+    """(smallest, largest) cost per round over the repeats, each from that repeat's own runs; ``None`` with fewer
+    than two repeats."""
+    by_repeat = {}
+    for p in points:
+        by_repeat.setdefault(p.repeat, []).append(p)
+    slopes = [line_fit(runs)[1] for runs in by_repeat.values()]
+    slopes = [x for x in slopes if np.isfinite(x)]
+    return (min(slopes), max(slopes)) if len(slopes) > 1 else None
+
+
+def _num(value: float, fmt: str) -> str:
+    return format(value, fmt) if np.isfinite(value) else "–"
+
+
 def summarise(results: Sequence[Measurement], floor: Optional[str] = None,
               method_pairs: Sequence[tuple] = (("fedda", "fedavg"), ("fedism", "fedavg_cls"))) -> str:
-    """Markdown table: per runner fixed cost, cost per round, excess over ``floor`` (default: ``floor`` if it ran,
-    else ``bare``), wall at the largest R, peak PSS and PSS growth per round (at the largest R)."""
+    """Markdown table: per runner fixed cost, cost per round (with its range over repeats), excess over ``floor``
+    (default: ``floor`` if it ran, else ``bare``), wall at the largest R (median), peak PSS and PSS growth per round
+    (at the largest R)."""
     runners = list(dict.fromkeys(m.runner for m in results))
     floor = floor or ("floor" if "floor" in runners else "bare")
     fits = {name: line_fit([m for m in results if m.runner == name]) for name in runners}
@@ -251,19 +270,22 @@ def summarise(results: Sequence[Measurement], floor: Optional[str] = None,
                    for g in [growth_per_round(m.round_pss_mb)] if g is not None]
         growth = f"{np.median(growths):+.2f}" if growths else "–"
         if floor in fits and name != floor:
-            over = f"{fixed - fits[floor][0]:+.1f} | {per_round - fits[floor][1]:+.2f}"
+            over = f"{_num(fixed - fits[floor][0], '+.1f')} | {_num(per_round - fits[floor][1], '+.2f')}"
         else:
             over = "– | –"
-        lines.append(f"| {name} | {fixed:.1f} | {per_round:.2f} | {over} | {wall:.1f} | {pss:.0f} | {growth} |")
+        spread = per_round_spread([m for m in results if m.runner == name])
+        cost = _num(per_round, ".2f") + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+        lines.append(f"| {name} | {_num(fixed, '.1f')} | {cost} | {over} | {wall:.1f} | {pss:.0f} | {growth} |")
     ratios = [f"{a} / {b} per round: {fits[a][1] / fits[b][1]:.2f}x"
-              for a, b in method_pairs if a in fits and b in fits and fits[b][1] > 0]
+              for a, b in method_pairs if a in fits and b in fits and fits[b][1] > 0 and np.isfinite(fits[a][1])]
     return "\n".join(lines + ([""] + ["Method cost: " + "; ".join(ratios)] if ratios else []))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runners", nargs="+", default=["floor", "fedavg", "fedda", "fedavg_cls", "fedism"])
-    ap.add_argument("--rounds", type=int, nargs=2, default=[2, 8], metavar=("R1", "R2"))
+    ap.add_argument("--rounds", type=int, nargs="+", default=[2, 8],
+                    help="round counts (two for the fixed cost and cost per round; one gives wall time and memory)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--sample", type=float, default=1.0, help="seconds between memory samples")
     ap.add_argument("--out", help="write the table (.md) and the raw timings (.json) next to this path")
