@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from .flare_config import Component, check_component, dump_json, ship_code
 
 PERSISTOR = "medflare.persistors.ModelPersistor"
-CROSS_SITE_EVAL = "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval"
+CROSS_SITE_EVAL = "medflare.workflows.CrossSiteEvaluation"
 APP = "app"
 ALL_SITES = "@ALL"
 
@@ -38,8 +38,9 @@ EVENT_TO_FED = Component("nvflare.app_common.widgets.convert_to_fed_event.Conver
 TB_RECEIVER = Component("nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                         {"events": ["fed.analytix_log_stats"]})
 ROUND_LOOP = {"task_check_period": 0.05}
-"""How often the server's workflows look at their tasks (FLARE's default, 0.5 s, adds a quarter of a second on
-average to every round between the last result and the aggregation; see docs/performance.md)."""
+"""How often the server's workflows look at their tasks. FLARE's own period (0.2 s in effect, whatever a
+controller sets: see :class:`medflare.workflows.TaskCheckPeriod`) held every round's aggregation 0.2-0.4 s after
+the last result arrived; see docs/performance.md."""
 MEMORY_GC_ROUNDS = 10
 """ScatterAndGather's memory clean-up (``gc.collect`` and ``malloc_trim``) every this many rounds. FLARE's default,
 every round, took 0.2-0.3 s of each round on the server; the sites' memory levels off after about 20 rounds either

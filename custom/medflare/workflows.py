@@ -1,4 +1,5 @@
-"""ScatterAndGather controllers: per-round metrics and fairness reporting, and the ring relay of FedDA-cyclic."""
+"""Server workflows: ScatterAndGather with per-round metrics and fairness reporting, the ring relay of FedDA-cyclic,
+and cross-site evaluation; all of them check their tasks as often as their ``task_check_period`` says."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .keys import AGGREGATION_WEIGHTS_KEY, PEER_SITE_KEY, SITE_REPORT_KEY
@@ -27,7 +29,26 @@ from .results import RunSummary
 from .site_view import site_view
 
 
-class MetricsScatterAndGather(ScatterAndGather):
+class TaskCheckPeriod:
+    """Mixin for FLARE controllers: make the server's task bookkeeping honour the controller's ``task_check_period``.
+
+    FLARE 2.9's ``Controller.set_communicator`` hands the period to the communicator as ``task_check_period``, but
+    ``WFCommServer`` sleeps ``_task_check_period`` (set to 0.2 s in its constructor) in both its task monitor and
+    ``wait_for_task``, so the controller's setting never takes effect: a round's last result waits 0.2-0.4 s before
+    the workflow sees the round done. This sets the attribute the communicator actually reads.
+    """
+
+    def set_communicator(self, communicator: Any) -> None:
+        super().set_communicator(communicator)
+        if hasattr(communicator, "_task_check_period"):
+            communicator._task_check_period = self._task_check_period
+
+
+class CrossSiteEvaluation(TaskCheckPeriod, CrossSiteModelEval):
+    """FLARE's ``CrossSiteModelEval`` with :class:`TaskCheckPeriod` (same arguments)."""
+
+
+class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
     """FedAvg-style ScatterAndGather that logs, every round, each site's Dice of the global model it received
     and the fairness summary of those numbers (mean, worst site, std, max-min gap, Jain's index).
 
