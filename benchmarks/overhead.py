@@ -78,6 +78,7 @@ class Measurement:
     peak_pss_mb: float
     round_pss_mb: List[float] = field(default_factory=list)
     repeat: int = 0
+    round_seconds: List[float] = field(default_factory=list)
 
 
 ROUND_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) - INFO - Round (\d+) started")
@@ -219,7 +220,9 @@ def measure(runners: Sequence[str], rounds: Sequence[int], repeats: int, sample_
                 cmd, env = runner_command(runner, r, workdir)
                 log = os.path.join(workdir, "run.log")
                 seconds, pss, samples = run_measured(cmd, log, sample_s, env)
-                results.append(Measurement(runner, r, seconds, pss, pss_at(samples, round_start_times(log)), rep))
+                starts = round_start_times(log)
+                results.append(Measurement(runner, r, seconds, pss, pss_at(samples, starts), rep,
+                                           list(np.diff(starts)) if len(starts) > 1 else []))
                 growth = growth_per_round(results[-1].round_pss_mb)
                 print(f"[{rep + 1}/{repeats}] {runner:12s} R={r:3d}: {seconds:7.1f} s, peak PSS {pss:7.0f} MiB"
                       + (f", PSS growth {growth:+.2f} MiB per round" if growth is not None else ""), flush=True)
@@ -247,6 +250,13 @@ def per_round_spread(points: Sequence[Measurement]) -> Optional[tuple]:
     return (min(slopes), max(slopes)) if len(slopes) > 1 else None
 
 
+def median_round(points: Sequence[Measurement]) -> float:
+    """Median time from one round's start to the next over ``points``' runs, leaving out each run's first round
+    (which includes the sites' start); robust to a run slowed for a while by something else. NaN without rounds."""
+    durations = [d for p in points for d in p.round_seconds[1:]]
+    return float(np.median(durations)) if durations else float("nan")
+
+
 def _num(value: float, fmt: str) -> str:
     return format(value, fmt) if np.isfinite(value) else "–"
 
@@ -254,14 +264,15 @@ def _num(value: float, fmt: str) -> str:
 def summarise(results: Sequence[Measurement], floor: Optional[str] = None,
               method_pairs: Sequence[tuple] = (("fedda", "fedavg"), ("fedism", "fedavg_cls"))) -> str:
     """Markdown table: per runner fixed cost, cost per round (with its range over repeats), excess over ``floor``
-    (default: ``floor`` if it ran, else ``bare``), wall at the largest R (median), peak PSS and PSS growth per round
-    (at the largest R)."""
+    (default: ``floor`` if it ran, else ``bare``), the median round (start to next start, from the logs), wall at
+    the largest R (median), peak PSS and PSS growth per round (at the largest R)."""
     runners = list(dict.fromkeys(m.runner for m in results))
     floor = floor or ("floor" if "floor" in runners else "bare")
     fits = {name: line_fit([m for m in results if m.runner == name]) for name in runners}
     top = max(m.rounds for m in results)
     lines = [f"| runner | fixed cost s | cost per round s | fixed over {floor} s | per round over {floor} s | "
-             f"wall at R = {top} s | peak PSS MiB | PSS growth MiB per round |", "|---|---|---|---|---|---|---|---|"]
+             f"median round s | wall at R = {top} s | peak PSS MiB | PSS growth MiB per round |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in runners:
         fixed, per_round = fits[name]
         wall = np.median([m.seconds for m in results if m.runner == name and m.rounds == top])
@@ -275,7 +286,8 @@ def summarise(results: Sequence[Measurement], floor: Optional[str] = None,
             over = "– | –"
         spread = per_round_spread([m for m in results if m.runner == name])
         cost = _num(per_round, ".2f") + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
-        lines.append(f"| {name} | {_num(fixed, '.1f')} | {cost} | {over} | {wall:.1f} | {pss:.0f} | {growth} |")
+        rnd = _num(median_round([m for m in results if m.runner == name]), ".2f")
+        lines.append(f"| {name} | {_num(fixed, '.1f')} | {cost} | {over} | {rnd} | {wall:.1f} | {pss:.0f} | {growth} |")
     ratios = [f"{a} / {b} per round: {fits[a][1] / fits[b][1]:.2f}x"
               for a, b in method_pairs if a in fits and b in fits and fits[b][1] > 0 and np.isfinite(fits[a][1])]
     return "\n".join(lines + ([""] + ["Method cost: " + "; ".join(ratios)] if ratios else []))

@@ -20,6 +20,7 @@ evaluation of each site's local model after training, client state files, persis
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -39,6 +40,8 @@ from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
 from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
+
+log = logging.getLogger("parallel_floor")
 
 
 def site_process(conn, cfg: LoopConfig, site: str) -> None:
@@ -103,6 +106,8 @@ def run(cfg: LoopConfig) -> Dict[str, Any]:
         best_w, best_val = global_w, -1.0
         setup_s = time.time() - start
         for rnd in range(cfg.rounds + 1):
+            if rnd < cfg.rounds:
+                log.info(f"Round {rnd} started.")  # FLARE's wording, so the overhead benchmark times rounds alike
             for s in sites:
                 pipes[s].send(("round", rnd, global_w))
             replies = {s: pipes[s].recv() for s in sites}
@@ -140,6 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], help="key=value settings of bare_loop.LoopConfig")
     args = ap.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     settings = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     result = run(LoopConfig(rounds=args.rounds, seed=args.seed, **settings))
     sec = result["seconds"]
