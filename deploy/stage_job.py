@@ -12,8 +12,9 @@ staged job is the job the folder shows. Two ways to get the code to the sites:
   ``site_configs/install_site.py --set install_code=true``) and must admit ``medflare.`` in their class allow-list.
 
 Cross-site evaluation of the sites' *local* models (each site's un-averaged model sent to every other site) is
-switched off in the staged job unless ``--cross-site-local-models`` is given: the staged job's
-``CrossSiteModelEval`` gets ``submit_model_task_name: ""``, so only the global models are evaluated at every site.
+switched off in the staged job unless ``--cross-site-local-models`` is given: the staged job's cross-site
+evaluation (``CrossSiteEvaluation``, FLARE's ``CrossSiteModelEval``) gets ``submit_model_task_name: ""``, so only the
+global models are evaluated at every site.
 (Sites refuse to send their local model anyway unless their ``share_local_model`` value allows it.)
 
 Smaller runs for rehearsals and tests::

@@ -339,11 +339,11 @@ def test_stage_job_shipped_and_site_code(tmp_path):
     assert (server["num_rounds"], server["min_clients"]) == (1, 2)
     client = _json(os.path.join(shipped, "app", "config", "config_fed_client.json"))
     assert client["executors"][0]["executor"]["args"]["synthetic"] == {"n_train": 8, "n_val": 2}
-    cse = [w for w in server["workflows"] if w["path"].endswith("CrossSiteModelEval")][0]
+    cse = [w for w in server["workflows"] if w["id"] == "cross_site_validate"][0]
     assert cse["args"]["submit_model_task_name"] == ""  # staged jobs evaluate the global models only
     kept = stage_job(src, str(tmp_path / "k"), cross_site_local_models=True)
     cse = [w for w in _json(os.path.join(kept, "app", "config", "config_fed_server.json"))["workflows"]
-           if w["path"].endswith("CrossSiteModelEval")][0]
+           if w["id"] == "cross_site_validate"][0]
     assert "submit_model_task_name" not in cse["args"]
 
     site = stage_job(src, str(tmp_path / "b"), code="site", name="fedavg_site")
