@@ -86,7 +86,7 @@ def run(cfg: LoopConfig) -> Dict[str, Any]:
     if cfg.method != "fedavg":
         raise ValueError("the parallel floor runs FedAvg only")
     start = time.time()
-    _, _, sites = benchmark_of(cfg)
+    syn, _, sites = benchmark_of(cfg)
     ctx = mp.get_context("spawn")
     pipes, procs = {}, []
     for site in sites:
@@ -98,7 +98,7 @@ def run(cfg: LoopConfig) -> Dict[str, Any]:
         n = {s: float(pipes[s].recv()) for s in sites}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            global_model = build_model("unet", spatial_dims=2)
+            global_model = build_model("unet", spatial_dims=syn.spatial_dims)
         global_w = weights_to_numpy(global_model)
         param_names = {name for name, _ in global_model.named_parameters()}
         velocity: Optional[Dict[str, np.ndarray]] = None

@@ -249,10 +249,14 @@ class CheckedDataset(Dataset):
 CACHE_LIMIT_ENV = "MEDFLARE_CACHE_LIMIT_GB"
 
 
+def item_bytes(item: Dict[str, Any]) -> int:
+    """Bytes the tensors of one loaded item take."""
+    return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
+
+
 def _fits_in_memory(first: Dict[str, Any], n_items: int) -> bool:
     """Whether ``n_items`` items like ``first`` fit the in-memory budget (``$MEDFLARE_CACHE_LIMIT_GB``, default 4)."""
-    per_item = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
-    return per_item * n_items <= float(os.environ.get(CACHE_LIMIT_ENV, "4")) * 1024 ** 3
+    return item_bytes(first) * n_items <= float(os.environ.get(CACHE_LIMIT_ENV, "4")) * 1024 ** 3
 
 
 def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: Any = "auto") -> Dataset:

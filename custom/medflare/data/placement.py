@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
+from .datalist import item_bytes
+
 DEVICE_BUDGET_ENV = "MEDFLARE_DEVICE_DATA_FRACTION"
 DEFAULT_DEVICE_FRACTION = 0.25
 
@@ -50,9 +52,8 @@ def _in_memory_items(dataset: Dataset) -> Optional[list]:
 
 
 def dataset_bytes(items: list) -> int:
-    """Bytes the items' images and labels take."""
-    return sum(i["image"].numel() * i["image"].element_size() + i["label"].numel() * i["label"].element_size()
-               for i in items)
+    """Bytes the items' tensors take."""
+    return sum(item_bytes(i) for i in items)
 
 
 def device_budget(device: torch.device) -> int:
