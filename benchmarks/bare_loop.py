@@ -62,7 +62,10 @@ class LoopConfig:
     server_momentum: float = 0.0
     synthetic: Dict[str, Any] = field(default_factory=lambda: {"modalities": ["t1", "t2", "ct"]})
     threads: int = 1
-    method: str = "fedavg"  # or "fedda": domain-adversarial alignment among sites
+    method: str = "fedavg"  # "fedda": domain-adversarial alignment among sites; "local", "pooled": references
+    model: Dict[str, Any] = field(default_factory=dict)  # network arguments, e.g. {"norm": "batch"}
+    keep_local: str = "none"  # "norm": normalisation layers stay at the sites (FedBN); "norm_stats": their
+    # running statistics only (SiloBN)
     adv_weight: float = 0.1
     head_lr: float = 0.1
     warmup_rounds: int = 2
@@ -71,7 +74,8 @@ class LoopConfig:
 def benchmark_of(cfg: LoopConfig) -> tuple:
     """The built-in benchmark ``cfg`` runs on: (synthetic settings, image spec, site names)."""
     syn = SyntheticSegConfig(**{**cfg.synthetic, "seed": cfg.synthetic.get("seed", cfg.seed)})
-    spec = ImageSpec(spatial_dims=syn.spatial_dims, spatial_size=(syn.size,) * syn.spatial_dims)
+    spec = ImageSpec(num_classes=syn.num_classes, spatial_dims=syn.spatial_dims,
+                     spatial_size=(syn.size,) * syn.spatial_dims)
     return syn, spec, [f"site-{k + 1}" for k in range(len(syn.modalities))]
 
 
@@ -101,10 +105,13 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     start = time.time()
     data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
     device = torch.device("cpu")
-    if cfg.method not in ("fedavg", "fedda"):
+    if cfg.method not in ("fedavg", "fedda", "local", "pooled"):
         raise ValueError(f"unknown method {cfg.method!r}")
     name = "unet_domain" if cfg.method == "fedda" else "unet"
-    model_args = {"spatial_dims": syn.spatial_dims, **({"n_domains": len(sites)} if cfg.method == "fedda" else {})}
+    model_args = {"spatial_dims": syn.spatial_dims, "out_channels": syn.num_classes, **cfg.model,
+                  **({"n_domains": len(sites)} if cfg.method == "fedda" else {})}
+    if cfg.method in ("local", "pooled"):
+        return run_reference(cfg, syn, sites, data, name, model_args, start)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         global_model = build_model(name, **model_args)
@@ -121,15 +128,21 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         else:
             trainers[s] = SegmentationTrainer(build_model(name, **model_args), device, **train_args)
     n = {s: float(len(data[s].train)) for s in sites}
+    local_keys = site_local_keys(global_model, cfg.keep_local)
+    site_state = {s: {k: v for k, v in global_w.items() if k in local_keys} for s in sites}
     velocity: Optional[Dict[str, np.ndarray]] = None
     rounds: List[Dict[str, Any]] = []
     setup_s = time.time() - start
     train_s = eval_s = 0.0
 
     def evaluate(weights):
-        load_weights(global_model, weights, "global")
-        return ({s: evaluate_segmentation(global_model, data[s].val, 3, device)["dice"] for s in sites},
-                {s: evaluate_segmentation(global_model, data[s].test, 3, device)["dice"] for s in sites})
+        k = syn.num_classes
+        val, test = {}, {}
+        for s in sites:  # the model deployed at each site: the global one with the site's local layers, if any
+            load_weights(global_model, {**weights, **site_state[s]}, "global")
+            val[s] = evaluate_segmentation(global_model, data[s].val, k, device)["dice"]
+            test[s] = evaluate_segmentation(global_model, data[s].test, k, device)["dice"]
+        return val, test
 
     for rnd in range(cfg.rounds + 1):
         t0 = time.time()
@@ -148,34 +161,91 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         updates = {}
         for s in sites:
             tr = trainers[s]
-            load_weights(tr.model, global_w, "global")
+            load_weights(tr.model, {**global_w, **site_state[s]}, "global")
             tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.rounds))
             if cfg.method == "fedda":
                 tr.current_weight = adversarial_weight(rnd, cfg.adv_weight, cfg.warmup_rounds)
             tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
             updates[s] = weights_to_numpy(tr.model)
+            site_state[s] = {k: v for k, v in updates[s].items() if k in local_keys}
         global_w, velocity = server_step(cfg, global_w, weighted_average(updates, sample_weights(n)), velocity,
                                          param_names)
         train_s += time.time() - t0
+    load_weights(global_model, global_w, "global")
+    probe = linear_probe_accuracy(*site_feature_set(global_model, {s: data[s].test for s in sites}, device),
+                                  seed=cfg.seed)
+    return summarise_run(cfg, sites, rounds, probe, {"setup": setup_s, "train": train_s, "eval": eval_s})
+
+
+def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
+    """``state_dict`` keys that stay at the sites: none, every normalisation layer's entries (``"norm"``, FedBN)
+    or only their running statistics (``"norm_stats"``, SiloBN)."""
+    if keep_local == "none":
+        return set()
+    if keep_local not in ("norm", "norm_stats"):
+        raise ValueError(f"keep_local must be none, norm or norm_stats, got {keep_local!r}")
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    keys = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, norms):
+            for key in module.state_dict():
+                if keep_local == "norm" or key in ("running_mean", "running_var", "num_batches_tracked"):
+                    keys.add(f"{mod_name}.{key}")
+    return keys
+
+
+def run_reference(cfg: LoopConfig, syn, sites: List[str], data: Dict[str, Any], name: str,
+                  model_args: Dict[str, Any], start: float) -> Dict[str, Any]:
+    """``local`` (each site trains alone) or ``pooled`` (one model on every site's training data): ``rounds``
+    epochs of the same trainer, evaluated after each epoch like a federated round."""
+    from torch.utils.data import ConcatDataset
+
+    device = torch.device("cpu")
+    owners = sites if cfg.method == "local" else ["pooled"]
+    trainers = {}
+    for owner in owners:
+        torch.manual_seed(cfg.seed)
+        trainers[owner] = SegmentationTrainer(build_model(name, **model_args), device, **trainer_args(cfg))
+    train_sets = {s: data[s].train for s in sites} if cfg.method == "local" else \
+        {"pooled": ConcatDataset([data[s].train for s in sites])}
+    k = syn.num_classes
+
+    def model_of(site):
+        return trainers[site if cfg.method == "local" else "pooled"].model
+
+    rounds = []
+    for rnd in range(cfg.rounds + 1):
+        rounds.append({"round": rnd,
+                       "val": {s: evaluate_segmentation(model_of(s), data[s].val, k, device)["dice"] for s in sites},
+                       "test": {s: evaluate_segmentation(model_of(s), data[s].test, k, device)["dice"]
+                                for s in sites}})
+        if rnd == cfg.rounds:
+            break
+        for owner in owners:
+            trainers[owner].set_lr(round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.rounds))
+            trainers[owner].fit(train_sets[owner], cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
+    return summarise_run(cfg, sites, rounds, None, {"setup": 0.0, "train": time.time() - start, "eval": 0.0})
+
+
+def summarise_run(cfg: LoopConfig, sites: List[str], rounds: List[Dict[str, Any]], probe: Optional[float],
+                  seconds: Dict[str, float]) -> Dict[str, Any]:
+    """The record of one run: per-round figures plus final, best-on-validation and last-5 summaries."""
     mean_test = [float(np.mean(list(r["test"].values()))) for r in rounds]
     worst_test = [float(np.min(list(r["test"].values()))) for r in rounds]
     mean_val = [float(np.mean(list(r["val"].values()))) for r in rounds]
     best = int(np.argmax(mean_val[1:])) + 1
-    load_weights(global_model, global_w, "global")
-    probe = linear_probe_accuracy(*site_feature_set(global_model, {s: data[s].test for s in sites}, device),
-                                  seed=cfg.seed)
-    return {"probe_accuracy": probe, "config": cfg.__dict__, "sites": sites, "rounds": rounds, "mean_test": mean_test,
-            "worst_test": worst_test, "best_round": best, "best_test_mean": mean_test[best],
-            "stability": round_stability(mean_test[1:]), "seconds": {"setup": setup_s, "train": train_s,
-                                                                       "eval": eval_s}}
+    return {"probe_accuracy": probe, "config": cfg.__dict__, "sites": sites, "rounds": rounds,
+            "mean_test": mean_test, "worst_test": worst_test, "mean_val": mean_val, "best_round": best,
+            "best_test_mean": mean_test[best], "stability": round_stability(mean_test[1:]),
+            "val_stability": round_stability(mean_val[1:]), "seconds": seconds}
 
 
 def summary_line(result: Dict[str, Any], label: str) -> str:
     st = result["stability"]
+    probe = result["probe_accuracy"]
     return (f"{label:45s} final {result['mean_test'][-1]:.3f} worst {result['worst_test'][-1]:.3f} "
             f"last5 {st['last5_mean']:.3f} swing {st['last5_max_change']:.3f} best@val {result['best_test_mean']:.3f} "
-            f"probe {result['probe_accuracy']:.2f} "
-            f"({result['seconds']['train']:.0f}s)")
+            + (f"probe {probe:.2f} " if probe is not None else "") + f"({result['seconds']['train']:.0f}s)")
 
 
 def summarise(paths: Sequence[str]) -> str:
@@ -209,6 +279,11 @@ def summarise(paths: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def print_round(entry: Dict[str, Any]) -> None:
+    print(f"  round {entry['round']:3d} test " + " ".join(f"{s} {d:.3f}" for s, d in entry["test"].items()),
+          flush=True)
+
+
 def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -224,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 ... swept as a product")
     ap.add_argument("--synthetic", default="{}", help="JSON settings of the benchmark (merged into the default)")
     ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--verbose", action="store_true", help="print every round's test Dice per site")
     ap.add_argument("--summarise", nargs="+", metavar="JSONL", help="print a table of earlier results and exit")
     args = ap.parse_args(argv)
     if args.summarise:
@@ -236,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         settings = {**base, **{k: v for (k, _), v in zip(grid, combo)}}
         for seed in args.seeds:
             cfg = LoopConfig(rounds=args.rounds, seed=seed, synthetic=dict(synthetic), **settings)
-            result = run(cfg)
+            result = run(cfg, on_round=print_round if args.verbose else None)
             label = ",".join(f"{k}={v}" for k, v in settings.items()) + f" s{seed}"
             print(summary_line(result, label), flush=True)
             if args.out:

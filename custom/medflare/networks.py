@@ -34,13 +34,15 @@ class FeatureUNet(UNet):
         channels: feature channels per level, e.g. ``(16, 32, 64)``.
         strides: downsampling strides between levels (one fewer than ``channels``).
         num_res_units: residual units per block.
-        norm: normalisation layer (MONAI name); instance norm keeps no running statistics, which suits FL.
+        norm: normalisation layer: a MONAI name (``"instance"``, ``"batch"``...) or a name and its arguments
+            (``["instance", {"affine": true}]``); instance norm keeps no running statistics, which suits FL.
         dropout: dropout probability.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 3,
                  channels: Sequence[int] = (16, 32, 64), strides: Sequence[int] = (2, 2), num_res_units: int = 1,
-                 norm: str = "instance", dropout: float = 0.0) -> None:
+                 norm: Any = "instance", dropout: float = 0.0) -> None:
+        norm = tuple(norm) if isinstance(norm, list) else norm
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                          channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, norm=norm,
                          dropout=dropout)

@@ -15,6 +15,9 @@ modality   intensity ordering     notes
 Because the *ordering* of intensities differs, per-image normalisation cannot undo the shift: a model trained on
 one modality segments another poorly, while shapes stay modality-invariant so a single model can learn all of them.
 
+The ``"anatomy"`` variant images real brain anatomy instead (the MNI152 template, four labels: background, CSF,
+grey and white matter) in T1-, T2-, FLAIR-, PD- and CT-like contrasts; see :mod:`medflare.data.anatomy`.
+
 Images are written as NIfTI files with a MONAI Decathlon-style datalist per site, so synthetic and real data go
 through the same loader (:mod:`medflare.data.datalist`).
 """
@@ -27,12 +30,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 from monai.transforms import GaussianSmooth, RandBiasField
+
+from .anatomy import ANATOMY_LABEL_NAMES, ANATOMY_MODALITIES, make_anatomy_case, min_anatomy_size
 
 LABEL_NAMES: Dict[str, str] = {"0": "background", "1": "organ", "2": "lesion"}
 
@@ -70,7 +75,17 @@ ELLIPSE_MODALITIES: Dict[str, ModalityStyle] = {
     "ct": ModalityStyle(lut=(0.55, 0.30, 0.85), bias=(0.0, 0.0), noise=0.08, texture=0.03),
     "flair": ModalityStyle(lut=(0.30, 0.65, 0.05), bias=(0.05, 0.2), noise=0.06, texture=0.06),
 }
-VARIANTS: Tuple[str, ...] = ("blobs", "ellipses")
+VARIANTS: Tuple[str, ...] = ("blobs", "ellipses", "anatomy")
+
+
+def variant_modalities(variant: str) -> Tuple[str, ...]:
+    """The modalities a benchmark variant can render."""
+    return tuple(ANATOMY_MODALITIES) if variant == "anatomy" else tuple(MODALITIES)
+
+
+def variant_label_names(variant: str) -> Dict[str, str]:
+    """``{"0": "background", ...}``: the classes of a benchmark variant's label maps."""
+    return dict(ANATOMY_LABEL_NAMES if variant == "anatomy" else LABEL_NAMES)
 
 DEFAULT_MODALITIES: Tuple[str, ...] = ("t1", "t2", "ct", "flair")
 
@@ -82,12 +97,16 @@ class SyntheticSegConfig:
     Args:
         modalities: modality of site-1, site-2, ...; see :data:`MODALITIES`.
         n_train: training images per site.
+        site_n_train: training images of site-1, site-2, ... (one per modality) when the sites differ in size,
+            e.g. ``(200, 200, 20)`` for a small third site; ``None`` (default): ``n_train`` at every site.
         n_val: validation images per site (model selection).
         n_test: test images per site (reporting only; never used to choose anything).
         size: edge length in pixels (voxels in 3D); must be at least 48 in 2D and 32 in 3D.
         spatial_dims: 2 or 3.
-        variant: ``"blobs"`` (default: round organs and lesions) or ``"ellipses"`` (elongated rotated organs,
-            lesions of varied shape, other contrast levels and noise, a random gamma per image).
+        variant: ``"blobs"`` (default: round organs and lesions), ``"ellipses"`` (elongated rotated organs,
+            lesions of varied shape, other contrast levels and noise, a random gamma per image) or ``"anatomy"``
+            (brain tissue on the MNI152 template: 4 classes, modalities ``t1``, ``t2``, ``flair``, ``pd``, ``ct``;
+            see :mod:`medflare.data.anatomy`).
         seed: benchmark seed; site ``k`` draws training data from ``seed*100+k``, validation from ``seed*100+50+k``
             and test data from ``seed*100+25+k`` (so adding the test split left the other two unchanged).
     """
@@ -100,25 +119,52 @@ class SyntheticSegConfig:
     spatial_dims: int = 2
     variant: str = "blobs"
     seed: int = 0
+    site_n_train: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(self.modalities))
-        unknown = [m for m in self.modalities if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown synthetic modality {unknown}; known: {sorted(MODALITIES)}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown synthetic variant {self.variant!r}; known: {list(VARIANTS)}")
+        known = variant_modalities(self.variant)
+        unknown = [m for m in self.modalities if m not in known]
+        if unknown:
+            raise ValueError(f"unknown synthetic modality {unknown} for the {self.variant!r} benchmark; known: "
+                             f"{sorted(known)}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        min_size = 48 if self.spatial_dims == 2 else 32
+        min_size = min_anatomy_size(self.spatial_dims) if self.variant == "anatomy" else \
+            (48 if self.spatial_dims == 2 else 32)
         if self.size < min_size:
             raise ValueError(f"synthetic size must be >= {min_size} for {self.spatial_dims}D, got {self.size}")
         if self.n_train < 1 or self.n_val < 1 or self.n_test < 1:
             raise ValueError("n_train, n_val and n_test must be >= 1")
+        if self.site_n_train is not None:
+            object.__setattr__(self, "site_n_train", tuple(int(n) for n in self.site_n_train))
+            if len(self.site_n_train) != len(self.modalities) or min(self.site_n_train) < 1:
+                raise ValueError(f"site_n_train needs one count >= 1 per site ({len(self.modalities)}), got "
+                                 f"{list(self.site_n_train)}")
+
+    @property
+    def label_names(self) -> Dict[str, str]:
+        """The classes of this benchmark's label maps (``{"0": "background", ...}``)."""
+        return variant_label_names(self.variant)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the label maps, background included."""
+        return len(self.label_names)
+
+    def n_images(self, site_index: int, split: str) -> int:
+        """Images of one site's ``"train"``, ``"val"`` or ``"test"`` split."""
+        if split == "train" and self.site_n_train is not None:
+            return self.site_n_train[site_index]
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 
     def fingerprint(self) -> str:
         """Short hash of the settings, used to name the on-disk cache (the default variant hashes as before)."""
         settings = asdict(self)
+        if settings["site_n_train"] is None:
+            settings.pop("site_n_train")
         if settings["variant"] == "blobs":
             settings.pop("variant")
         payload = json.dumps(settings, sort_keys=True).encode()
@@ -210,9 +256,12 @@ def make_site_arrays(config: SyntheticSegConfig, site_index: int, split: str) ->
     if split not in offsets:
         raise ValueError(f"split must be one of {sorted(offsets)}, got {split!r}")
     rs = np.random.RandomState(config.seed * 100 + offsets[split] + site_index + 1)
-    n = {"train": config.n_train, "val": config.n_val, "test": config.n_test}[split]
+    n = config.n_images(site_index, split)
     shape = (config.size,) * config.spatial_dims
     modality = config.modalities[site_index]
+    if config.variant == "anatomy":
+        cases = [make_anatomy_case(config.size, config.spatial_dims, modality, rs) for _ in range(n)]
+        return np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
     make_labels = make_ellipse_label_map if config.variant == "ellipses" else make_label_map
     labels = [make_labels(shape, rs) for _ in range(n)]
     images = [render(lab, modality, rs, config.variant) for lab in labels]
@@ -244,6 +293,8 @@ def write_site_dataset(config: SyntheticSegConfig, site_index: int, out_dir: str
     entries: Dict[str, List[Dict[str, str]]] = {"training": [], "validation": [], "test": []}
     for split, key in (("train", "training"), ("val", "validation"), ("test", "test")):
         images, labels = make_site_arrays(config, site_index, split)
+        if split == "train":
+            write_preview(images, labels, os.path.join(out_dir, "preview.png"))
         for i, (img, lab) in enumerate(zip(images, labels)):
             name = f"{split}_{i:04d}.nii.gz"
             _save_nifti(img, os.path.join(out_dir, "imagesTr", name))
@@ -254,7 +305,7 @@ def write_site_dataset(config: SyntheticSegConfig, site_index: int, out_dir: str
         "description": "medflare synthetic multi-modality segmentation benchmark",
         "tensorImageSize": f"{config.spatial_dims}D",
         "modality": {"0": modality.upper()},
-        "labels": LABEL_NAMES,
+        "labels": config.label_names,
         "numTraining": len(entries["training"]),
         "benchmark": asdict(config),
         **entries,
@@ -264,6 +315,21 @@ def write_site_dataset(config: SyntheticSegConfig, site_index: int, out_dir: str
         json.dump(datalist, f, indent=1)
     return SiteDataset(site_index, modality, out_dir, path,
                        {k: len(v) for k, v in entries.items()})
+
+
+def write_preview(images: np.ndarray, labels: np.ndarray, path: str, n_cases: int = 4) -> None:
+    """A PNG of the first ``n_cases`` cases (2D images, or the middle axial slice of volumes): images on the top
+    row, label maps (grey levels by class) below."""
+    from PIL import Image
+
+    def plane(a: np.ndarray) -> np.ndarray:
+        return a if a.ndim == 2 else a[a.shape[0] // 2]
+
+    n = min(n_cases, len(images))
+    top = np.concatenate([plane(images[i]) for i in range(n)], axis=1)
+    bottom = np.concatenate([plane(labels[i]) for i in range(n)], axis=1) / max(1, int(labels.max()))
+    grid = np.concatenate([top, bottom], axis=0)
+    Image.fromarray((np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)).save(path)
 
 
 def default_cache_dir() -> str:

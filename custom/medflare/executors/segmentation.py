@@ -39,14 +39,31 @@ REPORTED_SCALARS = ("modality", "n_train", "n_val", "n_test", "test_dice", "test
                     "train_seconds", "train_<term>", "domain_acc (FedDA domain mode)")
 
 
+def resolve_classes(synthetic: SyntheticSegConfig, num_classes: Optional[int],
+                    class_names: Optional[Sequence[str]]) -> Tuple[int, list]:
+    """The job's class count and names: as given, else the built-in benchmark's (see :class:`SegmentationExecutor`)."""
+    benchmark = [synthetic.label_names[str(i)] for i in range(synthetic.num_classes)]
+    if num_classes is None:
+        num_classes = len(class_names) if class_names else len(benchmark)
+    if class_names is None:
+        class_names = benchmark if num_classes == len(benchmark) else \
+            ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"class_names {list(class_names)} do not name num_classes={num_classes} classes")
+    return int(num_classes), list(class_names)
+
+
 class SegmentationExecutor(SiteExecutor):
     """Local training and evaluation of a segmentation model at one site.
 
     Args:
         model: ``{"name": "unet", **constructor kwargs}``; ``spatial_dims``, ``in_channels`` and ``out_channels``
             default to the image settings below. Must match the server persistor's ``model``.
-        num_classes: label classes including background.
-        class_names: names of the classes (index 0 = background), used in metric names.
+        num_classes: label classes including background; ``null`` (default): the built-in benchmark's (3 for the
+            ``blobs`` and ``ellipses`` variants, 4 for ``anatomy``). Set it for a site's own data.
+        class_names: names of the classes (index 0 = background), used in metric names; ``null``: the benchmark's
+            (``background, organ, lesion`` or ``background, csf, gm, wm``) when ``num_classes`` matches it, else
+            ``class1``, ``class2``...
         spatial_dims: 2 or 3.
         spatial_size: size every image is resized to (``null`` keeps native sizes).
         in_channels: image channels.
@@ -78,8 +95,8 @@ class SegmentationExecutor(SiteExecutor):
             :class:`~medflare.executors.base.SiteExecutor`).
     """
 
-    def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: int = 3,
-                 class_names: Sequence[str] = ("background", "organ", "lesion"), spatial_dims: int = 2,
+    def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None, spatial_dims: int = 2,
                  spatial_size: Optional[Sequence[int]] = (64, 64), in_channels: int = 1, intensity: str = "minmax",
                  window: Optional[Sequence[float]] = None, synthetic: Optional[Dict[str, Any]] = None,
                  lr: float = DEFAULT_LR, optimizer: str = DEFAULT_OPTIMIZER, reset_optimizer: bool = True,
@@ -89,10 +106,11 @@ class SegmentationExecutor(SiteExecutor):
                  evaluate_local_model: bool = True, mixed_precision: bool = False) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.mixed_precision = mixed_precision
+        self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
+        num_classes, class_names = resolve_classes(self.synthetic, num_classes, class_names)
         self.spec = ImageSpec(num_classes=num_classes, spatial_dims=spatial_dims,
                               spatial_size=tuple(spatial_size) if spatial_size else None, in_channels=in_channels,
                               intensity=intensity, window=tuple(window) if window else None)
-        self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
         model = dict(model or {})
         self.model_name = model.pop("name", "unet")
         self.model_args = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": num_classes,
