@@ -34,6 +34,7 @@ from medflare.aggregation import sample_weights, weighted_average  # noqa: E402
 from medflare.alignment import DomainAdversarialTrainer, adversarial_weight, domain_accuracy  # noqa: E402
 from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config  # noqa: E402
 from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
+from medflare.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
 from medflare.probe import linear_probe_accuracy, site_feature_set  # noqa: E402
@@ -64,11 +65,15 @@ class LoopConfig:
     threads: int = 1
     method: str = "fedavg"  # "fedda": domain-adversarial alignment among sites; "local", "pooled": references
     model: Dict[str, Any] = field(default_factory=dict)  # network arguments, e.g. {"norm": "batch"}
+    intensity_augmentation: str = "none"
+    augmentation_prob: float = 0.5
     keep_local: str = "none"  # "norm": normalisation layers stay at the sites (FedBN); "norm_stats": their
     # running statistics only (SiloBN)
     adv_weight: float = 0.1
     head_lr: float = 0.1
     warmup_rounds: int = 2
+    disc_lr: float = 1e-3
+    disc_hidden: int = 64
 
 
 def benchmark_of(cfg: LoopConfig) -> tuple:
@@ -81,7 +86,8 @@ def benchmark_of(cfg: LoopConfig) -> tuple:
 
 def trainer_args(cfg: LoopConfig) -> Dict[str, Any]:
     """Keyword arguments of every site's trainer."""
-    return dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer, reset_optimizer=cfg.reset_optimizer)
+    return dict(lr=cfg.lr, fedprox_mu=cfg.fedprox_mu, optimizer=cfg.optimizer, reset_optimizer=cfg.reset_optimizer,
+                intensity_augmentation=cfg.intensity_augmentation, augmentation_prob=cfg.augmentation_prob)
 
 
 def server_step(cfg: LoopConfig, global_w: Dict[str, np.ndarray], avg: Dict[str, np.ndarray],
@@ -105,7 +111,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     start = time.time()
     data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
     device = torch.device("cpu")
-    if cfg.method not in ("fedavg", "fedda", "local", "pooled"):
+    if cfg.method not in ("fedavg", "fedda", "fedda_stats", "local", "pooled"):
         raise ValueError(f"unknown method {cfg.method!r}")
     name = "unet_domain" if cfg.method == "fedda" else "unet"
     model_args = {"spatial_dims": syn.spatial_dims, "out_channels": syn.num_classes, **cfg.model,
@@ -121,7 +127,11 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     train_args = trainer_args(cfg)
     for i, s in enumerate(sites):
         torch.manual_seed(cfg.seed)
-        if cfg.method == "fedda":
+        if cfg.method == "fedda_stats":
+            trainers[s] = StatisticsAlignmentTrainer(build_model(name, **model_args), device, i, len(sites),
+                                                     syn.num_classes, adv_weight=cfg.adv_weight,
+                                                     disc_lr=cfg.disc_lr, disc_hidden=cfg.disc_hidden, **train_args)
+        elif cfg.method == "fedda":
             trainers[s] = DomainAdversarialTrainer(build_model(name, **model_args), device, i,
                                                    adv_weight=cfg.adv_weight, head_lr=cfg.head_lr,
                                                    **train_args)
@@ -131,6 +141,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     local_keys = site_local_keys(global_model, cfg.keep_local)
     site_state = {s: {k: v for k, v in global_w.items() if k in local_keys} for s in sites}
     velocity: Optional[Dict[str, np.ndarray]] = None
+    relayed: Dict[int, Any] = {}  # FedDA-stats: the sites' feature statistics of the previous round
     rounds: List[Dict[str, Any]] = []
     setup_s = time.time() - start
     train_s = eval_s = 0.0
@@ -159,15 +170,20 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
             break
         t0 = time.time()
         updates = {}
-        for s in sites:
+        reported: Dict[int, Any] = {}
+        for i, s in enumerate(sites):
             tr = trainers[s]
             load_weights(tr.model, {**global_w, **site_state[s]}, "global")
             tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.rounds))
-            if cfg.method == "fedda":
+            if cfg.method in ("fedda", "fedda_stats"):
                 tr.current_weight = adversarial_weight(rnd, cfg.adv_weight, cfg.warmup_rounds)
+            if cfg.method == "fedda_stats":
+                reported[i] = site_feature_statistics(tr.model, data[s].train, syn.num_classes, device)
+                tr.set_peer_statistics(relayed)
             tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
             updates[s] = weights_to_numpy(tr.model)
             site_state[s] = {k: v for k, v in updates[s].items() if k in local_keys}
+        relayed = reported
         global_w, velocity = server_step(cfg, global_w, weighted_average(updates, sample_weights(n)), velocity,
                                          param_names)
         train_s += time.time() - t0

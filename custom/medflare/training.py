@@ -16,6 +16,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import make_intensity_augmentation
 from .data.placement import loader_options
 
 
@@ -90,11 +91,15 @@ class SegmentationTrainer:
         mixed_precision: run the training steps' forward passes under bfloat16 autocast (weights, gradients and
             optimiser state stay float32; bfloat16 needs no loss scaling). Meant for GPUs with bfloat16 (Ampere and
             later); it also runs, slowly, on a CPU.
+        intensity_augmentation: ``"none"`` or ``"gin"``: random intensity non-linearities applied to training
+            batches (:mod:`medflare.augment`), seeded by each :meth:`fit` call's seed.
+        augmentation_prob: fraction of training batches that are augmented.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float = 3e-3, fedprox_mu: float = 0.0,
                  weight_decay: float = 0.0, optimizer: str = "adam", reset_optimizer: bool = True,
-                 mixed_precision: bool = False) -> None:
+                 mixed_precision: bool = False, intensity_augmentation: str = "none",
+                 augmentation_prob: float = 0.5) -> None:
         if fedprox_mu < 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
         self.model = model.to(device)
@@ -103,6 +108,8 @@ class SegmentationTrainer:
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.reset_optimizer = reset_optimizer
         self.mixed_precision = mixed_precision
+        make_intensity_augmentation(intensity_augmentation)  # checks the name now, not in round 0
+        self.intensity_augmentation, self.augmentation_prob = intensity_augmentation, augmentation_prob
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.optimizer = self.new_optimizer()
         self._global_params: Optional[Dict[str, torch.Tensor]] = None
@@ -154,10 +161,13 @@ class SegmentationTrainer:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False,
                             **loader_options(dataset, self.device))
         self.model.train()
+        augment = make_intensity_augmentation(self.intensity_augmentation, seed + 7919, self.augmentation_prob)
 
         def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
+            if augment is not None:
+                images = augment(images)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
                 return self.training_step(images, labels)
 
