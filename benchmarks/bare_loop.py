@@ -37,7 +37,7 @@ from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
 from medflare.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
-from medflare.probe import linear_probe_accuracy, site_feature_set  # noqa: E402
+from medflare.probe import linear_probe_accuracy, site_feature_set, site_histogram_set  # noqa: E402
 from medflare.stability import round_stability  # noqa: E402
 from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
 
@@ -74,6 +74,8 @@ class LoopConfig:
     warmup_rounds: int = 2
     disc_lr: float = 1e-3
     disc_hidden: int = 64
+    holdout: str = ""  # a site (e.g. "site-2") that does not train: leave-one-modality-out evaluation
+    probe_every: int = 1  # rounds between linear site probes of the global model (0: final model only)
 
 
 def benchmark_of(cfg: LoopConfig) -> tuple:
@@ -125,10 +127,13 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     param_names = {name for name, _ in global_model.named_parameters()}
     trainers = {}
     train_args = trainer_args(cfg)
-    for i, s in enumerate(sites):
+    if cfg.holdout and cfg.holdout not in sites:
+        raise ValueError(f"holdout {cfg.holdout!r} is not one of {sites}")
+    train_sites = [s for s in sites if s != cfg.holdout]
+    for i, s in enumerate(train_sites):
         torch.manual_seed(cfg.seed)
         if cfg.method == "fedda_stats":
-            trainers[s] = StatisticsAlignmentTrainer(build_model(name, **model_args), device, i, len(sites),
+            trainers[s] = StatisticsAlignmentTrainer(build_model(name, **model_args), device, i, len(train_sites),
                                                      syn.num_classes, adv_weight=cfg.adv_weight,
                                                      disc_lr=cfg.disc_lr, disc_hidden=cfg.disc_hidden, **train_args)
         elif cfg.method == "fedda":
@@ -137,7 +142,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
                                                    **train_args)
         else:
             trainers[s] = SegmentationTrainer(build_model(name, **model_args), device, **train_args)
-    n = {s: float(len(data[s].train)) for s in sites}
+    n = {s: float(len(data[s].train)) for s in train_sites}
     local_keys = site_local_keys(global_model, cfg.keep_local)
     site_state = {s: {k: v for k, v in global_w.items() if k in local_keys} for s in sites}
     velocity: Optional[Dict[str, np.ndarray]] = None
@@ -161,7 +166,11 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         entry = {"round": rnd, "val": val, "test": test}
         if cfg.method == "fedda":
             entry["domain_acc"] = {s: domain_accuracy(global_model, data[s].val, i, device)
-                                   for i, s in enumerate(sites)}
+                                   for i, s in enumerate(train_sites)}
+        if cfg.probe_every and (rnd % cfg.probe_every == 0 or rnd == cfg.rounds):
+            load_weights(global_model, global_w, "global")
+            entry["probe"] = linear_probe_accuracy(
+                *site_feature_set(global_model, {s: data[s].test for s in sites}, device), seed=cfg.seed)
         eval_s += time.time() - t0
         rounds.append(entry)
         if on_round:
@@ -171,7 +180,7 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         t0 = time.time()
         updates = {}
         reported: Dict[int, Any] = {}
-        for i, s in enumerate(sites):
+        for i, s in enumerate(train_sites):
             tr = trainers[s]
             load_weights(tr.model, {**global_w, **site_state[s]}, "global")
             tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.rounds))
@@ -190,7 +199,9 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     load_weights(global_model, global_w, "global")
     probe = linear_probe_accuracy(*site_feature_set(global_model, {s: data[s].test for s in sites}, device),
                                   seed=cfg.seed)
-    return summarise_run(cfg, sites, rounds, probe, {"setup": setup_s, "train": train_s, "eval": eval_s})
+    result = summarise_run(cfg, sites, rounds, probe, {"setup": setup_s, "train": train_s, "eval": eval_s})
+    result["raw_probe"] = linear_probe_accuracy(*site_histogram_set({s: data[s].test for s in sites}), seed=cfg.seed)
+    return result
 
 
 def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:

@@ -149,6 +149,7 @@ def fairness_job(name: str, rule: str = "medflare.aggregators.WeightedAggregator
 
 
 FEDDA = {"mode": "target", "adv_weight": 0.01, "warmup_rounds": 2}
+FEDDA_STATS = {"mode": "stats", "adv_weight": 0.1, "warmup_rounds": 2, "disc_lr": 1e-3, "disc_hidden": 64}
 ALIGNMENT = "medflare.executors.AdversarialAlignmentExecutor"
 FAIR = "medflare.fair_aggregators."
 
@@ -159,6 +160,8 @@ JOBS: Dict[str, JobSpec] = {spec.name: spec for spec in (
     segmentation_job("fedda_cyclic", ALIGNMENT, "medflare.workflows.RingRelayScatterAndGather", **FEDDA),
     segmentation_job("fedda_domain", ALIGNMENT, mode="domain", adv_weight=0.03, warmup_rounds=2,
                      model={"name": "unet_domain", "n_domains": 3}),
+    segmentation_job("fedda_stats", ALIGNMENT, "medflare.workflows.StatisticsRelayScatterAndGather",
+                     **FEDDA_STATS),
     fairness_job("fedavg_cls"),
     fairness_job("afl", FAIR + "AFLAggregator", {"lambda_lr": 0.1}),
     fairness_job("qfedavg", FAIR + "QFedAvgAggregator", {"q": 1.0, "lipschitz": 0.1, "mode": "update"}),

@@ -10,6 +10,9 @@ carries, who writes and who reads it:
 * :data:`SITE_WEIGHT_KEY`: the receiving site's own weight of the last aggregation (the only part of the above a
   site sees, see :mod:`medflare.site_view`; FedCE's minus model uses it).
 * :data:`PEER_SITE_KEY`: whose encoder the ring relay sends a site (FedDA-cyclic).
+* :data:`FEATURE_STATS_KEY`: a site's per-class encoder feature statistics (FedDA statistics mode; executor ->
+  controller), and :data:`PEER_FEATURE_STATS_KEY`: the other sites' statistics of the previous round
+  (controller -> executor).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ SITE_WEIGHT_KEY = "medflare_site_weight"
 """Meta key of the receiving site's own aggregation weight in the previous round (absent if it had none)."""
 PEER_SITE_KEY = "medflare_peer_site"
 """Meta key of the site whose encoder the ring relay sends along (FedDA-cyclic)."""
+
+FEATURE_STATS_KEY = "medflare_feature_stats"
+"""Result meta key: ``{"mean": [[...]], "var": [[...]], "count": [...]}``, per-class means and variances of the
+bottleneck features of the received global model on the site's training images (see :mod:`medflare.feature_stats`)."""
+PEER_FEATURE_STATS_KEY = "medflare_peer_feature_stats"
+"""Task meta key: ``{site name: statistics}`` of every other site, as they reported them in the previous round."""
 
 # statistics of the site report that the fairness rules read
 LOSS_GLOBAL = "loss_global"              # mean plain CE of the received global model w^t on the site's training set

@@ -42,6 +42,27 @@ def site_feature_set(model: torch.nn.Module, datasets: Mapping[str, Dataset],
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def intensity_histograms(dataset: Dataset, bins: int = 32) -> np.ndarray:
+    """Normalised intensity histograms ``(N, bins)`` of every image of ``dataset`` over [0, 1] (the loader's
+    scale): the probe's reference on raw images, which tells how visible the site is before any network."""
+    out = []
+    for item in dataset:
+        values = torch.as_tensor(item["image"]).flatten().float().clamp(0.0, 1.0)
+        hist = torch.histc(values, bins=bins, min=0.0, max=1.0)
+        out.append((hist / hist.sum().clamp_min(1.0)).numpy())
+    return np.stack(out)
+
+
+def site_histogram_set(datasets: Mapping[str, Dataset], bins: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    """Intensity histograms of every site's images and the site index of each row (sites in sorted name order)."""
+    xs, ys = [], []
+    for index, site in enumerate(sorted(datasets)):
+        x = intensity_histograms(datasets[site], bins)
+        xs.append(x)
+        ys.append(np.full(len(x), index))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, train_fraction: float = 0.5,
                           epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-3) -> float:
     """Held-out accuracy of a multinomial logistic regression predicting ``labels`` from ``features``.

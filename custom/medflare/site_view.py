@@ -4,7 +4,9 @@ The aggregators store, in the global model's meta, every site's aggregation weig
 (``medflare_aggregation_weights``) and the fairness rules' state (``medflare_aggregator_state``: EMA weights,
 mixture weights, FedCE's per-site histories). The server needs them; a site needs at most its own weight (FedCE's
 minus model). :func:`site_meta` keeps, of the ``medflare_*`` keys, only the site's own weight
-(:data:`SITE_WEIGHT_KEY`) and the ring relay's peer (:data:`PEER_SITE_KEY`); other (FLARE) keys pass unchanged.
+(:data:`SITE_WEIGHT_KEY`), the ring relay's peer (:data:`PEER_SITE_KEY`) and the other sites' feature statistics
+of FedDA's statistics mode (:data:`PEER_FEATURE_STATS_KEY`, which the controller adds after this restriction);
+other (FLARE) keys pass unchanged.
 :func:`site_view` applies it to a task about to be sent to one site (the controller calls it for every train task,
 on the copy FLARE makes for that site).
 """
@@ -16,9 +18,9 @@ from typing import Any, Dict, Mapping
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.shareable import Shareable
 
-from .keys import AGGREGATION_WEIGHTS_KEY, MEDFLARE_PREFIX, PEER_SITE_KEY, SITE_WEIGHT_KEY
+from .keys import AGGREGATION_WEIGHTS_KEY, MEDFLARE_PREFIX, PEER_FEATURE_STATS_KEY, PEER_SITE_KEY, SITE_WEIGHT_KEY
 
-KEPT_KEYS = frozenset({SITE_WEIGHT_KEY, PEER_SITE_KEY})
+KEPT_KEYS = frozenset({SITE_WEIGHT_KEY, PEER_SITE_KEY, PEER_FEATURE_STATS_KEY})
 
 
 def site_meta(meta: Mapping[str, Any], site: str) -> Dict[str, Any]:

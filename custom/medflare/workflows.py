@@ -20,7 +20,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
-from .keys import AGGREGATION_WEIGHTS_KEY, PEER_SITE_KEY, SITE_REPORT_KEY
+from .feature_stats import FeatureStatistics
+from .keys import AGGREGATION_WEIGHTS_KEY, FEATURE_STATS_KEY, PEER_FEATURE_STATS_KEY, PEER_SITE_KEY, SITE_REPORT_KEY
 from .relay import encoder_part, relay_assignments, relay_wait_over
 from .resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state, save_resume_state,
                      summary_before)
@@ -310,3 +311,51 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
     def restore_resume_state(self, state: ResumeState, fl_ctx: FLContext) -> None:
         super().restore_resume_state(state, fl_ctx)
         self._encoders = dict(state.relay_encoders)
+
+
+class StatisticsRelayScatterAndGather(MetricsScatterAndGather):
+    """:class:`MetricsScatterAndGather` that relays the sites' feature statistics (FedDA's statistics mode).
+
+    Each site's train result may carry ``medflare_feature_stats`` (per-class means and variances of its encoder
+    features, see :mod:`medflare.feature_stats`). The controller checks them (malformed or non-finite statistics are
+    dropped with a warning naming the site) and, in the next round, adds to each site's copy of the train task the
+    statistics of every *other* site (meta ``medflare_peer_feature_stats``). In the first round, and in the first
+    round after a resume, there is nothing to relay and the sites train without alignment.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stats: Dict[str, Dict[str, Any]] = {}
+        self._incoming_stats: Dict[str, Dict[str, Any]] = {}
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
+                             is_unknown_task: bool = False) -> bool:
+        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+        if accepted and not is_unknown_task:
+            report = from_shareable(result).get_meta_prop(FEATURE_STATS_KEY)
+            if report is not None:
+                try:
+                    FeatureStatistics.from_report(report, f"site '{client_name}'")
+                    self._incoming_stats[client_name] = report
+                except ValueError as e:
+                    self.log_warning(fl_ctx, f"round {self._current_round}: not relaying {e}")
+        return accepted
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == AppEventType.ROUND_DONE:
+            self._stats, self._incoming_stats = self._incoming_stats, {}
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.BEFORE_TASK_DATA_FILTER:
+            self._add_peer_statistics(fl_ctx)
+
+    def _add_peer_statistics(self, fl_ctx: FLContext) -> None:
+        if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name or not self._stats:
+            return
+        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer is not None else None
+        if not isinstance(task_data, Shareable) or not site:
+            return
+        dxo = from_shareable(task_data)
+        dxo.set_meta_prop(PEER_FEATURE_STATS_KEY, {s: v for s, v in self._stats.items() if s != site})
+        dxo.update_shareable(task_data)

@@ -143,6 +143,11 @@ class SiteExecutor(Executor):
         (``local_metrics`` is empty when the local model is not evaluated)."""
         raise NotImplementedError
 
+    def result_meta(self) -> Dict[str, Any]:
+        """Further documented meta entries of the train result besides the scalars (e.g. FedDA's feature
+        statistics)."""
+        return {}
+
     def round_state(self) -> Dict[str, Any]:
         """Client state besides the local weights and the optimiser (e.g. the round, a discriminator)."""
         return {}
@@ -243,6 +248,8 @@ class SiteExecutor(Executor):
         out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, n_train)
         out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         out.set_meta_prop(SITE_REPORT_KEY, report)
+        for key, value in self.result_meta().items():
+            out.set_meta_prop(key, value)
         return out.to_shareable()
 
     def state_dict(self) -> Dict[str, Any]:
