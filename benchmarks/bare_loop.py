@@ -36,7 +36,7 @@ from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve
 from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
 from medflare.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
-from medflare.networks import build_model  # noqa: E402
+from medflare.networks import build_model, norm_layer_keys  # noqa: E402
 from medflare.probe import linear_probe_accuracy, site_feature_set, site_histogram_set  # noqa: E402
 from medflare.stability import round_stability  # noqa: E402
 from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
@@ -211,14 +211,7 @@ def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
         return set()
     if keep_local not in ("norm", "norm_stats"):
         raise ValueError(f"keep_local must be none, norm or norm_stats, got {keep_local!r}")
-    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    keys = set()
-    for mod_name, module in model.named_modules():
-        if isinstance(module, norms):
-            for key in module.state_dict():
-                if keep_local == "norm" or key in ("running_mean", "running_var", "num_batches_tracked"):
-                    keys.add(f"{mod_name}.{key}")
-    return keys
+    return norm_layer_keys(model, statistics_only=keep_local == "norm_stats")
 
 
 def run_reference(cfg: LoopConfig, syn, sites: List[str], data: Dict[str, Any], name: str,

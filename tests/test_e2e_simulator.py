@@ -12,7 +12,7 @@ ROUNDS = 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_domain", "fedda_cyclic"])
+@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_domain", "fedda_cyclic", "fedda_stats"])
 def test_job_runs_and_improves(job_name, tmp_path):
     job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
     ws = str(tmp_path / "ws")
@@ -27,7 +27,10 @@ def test_job_runs_and_improves(job_name, tmp_path):
     assert final > initial + 0.05, f"final mean Dice {final:.3f} not above the initial model's {initial:.3f}"
     if job_name == "fedda_cyclic":  # round 1: every site aligns to its ring neighbour's round-0 encoder
         assert "round 1 relay (site <- encoder of): site-1 <- site-3, site-2 <- site-1, site-3 <- site-2" in output
-    if job_name.startswith("fedda") and job_name != "fedda_domain":
+    if job_name == "fedda_stats":  # round 1: every site aligns with the other two sites' round-0 statistics
+        with open(os.path.join(ws, "site-2", "log.txt")) as f:
+            assert "round 1: aligning encoder features with the statistics of ['site-1', 'site-3']" in f.read()
+    elif job_name.startswith("fedda") and job_name != "fedda_domain":
         with open(os.path.join(ws, "site-2", "log.txt")) as f:
             expected = "encoder of site-1" if job_name == "fedda_cyclic" else "encoder of the global model"
             assert f"round 1: aligning encoder features to the {expected}" in f.read()

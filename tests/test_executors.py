@@ -161,3 +161,66 @@ def test_local_model_is_not_changed_by_later_validation(tmp_path):
     submitted = from_shareable(ex.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())).data
     for k, v in before.items():
         np.testing.assert_array_equal(submitted[k], v)
+
+
+AFFINE = {"name": "unet", "norm": ["instance", {"affine": True}]}
+
+
+def test_local_norm_never_sends_normalisation_layers_and_restores_them(tmp_path):
+    from medflare.networks import build_model, norm_layer_keys
+
+    ex = _executor(SegmentationExecutor, tmp_path, model=AFFINE, local_norm=True)
+    weights = _global_weights(AFFINE)
+    norm_keys = norm_layer_keys(build_model(**AFFINE))
+    assert norm_keys and all(k.endswith(("weight", "bias")) for k in norm_keys)
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
+    dxo = _assert_only_weights_and_scalars(result, set(weights) - norm_keys)
+    own = {k: ex.local_weights[k].copy() for k in norm_keys}
+    assert any(not np.array_equal(own[k], weights[k]) for k in norm_keys)  # the site's norms did train
+    # the next global model (whatever its norm entries) is used with the site's own norm layers
+    other = {k: (v + 0.5 if k in norm_keys else v) for k, v in weights.items()}
+    ex.execute(AppConstants.TASK_TRAIN, _train_task(other, 1), FLContext(), Signal())
+    assert set(from_shareable(result).data).isdisjoint(norm_keys)
+    res = ex.execute(AppConstants.TASK_VALIDATION, _validate_task(other, "SRV_FL_global_model.pt"), FLContext(),
+                     Signal())
+    assert from_shareable(res).data_kind == DataKind.METRICS
+    state = ex.model.state_dict()
+    for k in norm_keys:  # the global model was scored with this site's norm layers, not the server's values
+        np.testing.assert_array_equal(state[k].numpy(), ex.local_weights[k])
+    with pytest.raises(ValueError, match="local_norm needs"):
+        plain = _executor(SegmentationExecutor, tmp_path / "plain", local_norm=True)
+        plain._ensure_ready(FLContext())
+        plain.site_local_keys()
+
+
+def _validate_task(weights, owner):
+    s = DXO(DataKind.WEIGHTS, data=weights).to_shareable()
+    s.set_header(AppConstants.MODEL_OWNER, owner)
+    return s
+
+
+def test_statistics_mode_sends_its_statistics_and_uses_the_peers(tmp_path):
+    from medflare.keys import FEATURE_STATS_KEY, PEER_FEATURE_STATS_KEY
+
+    ex = _executor(AdversarialAlignmentExecutor, tmp_path, site="site-2", mode="stats", warmup_rounds=0)
+    weights = _global_weights()
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
+    dxo = from_shareable(result)
+    assert set(dxo.data) == set(weights)  # the discriminator stays at the site
+    stats = dxo.get_meta_prop(FEATURE_STATS_KEY)
+    assert np.asarray(stats["mean"]).shape == (3, 64) and np.asarray(stats["var"]).shape == (3, 64)
+    assert len(stats["count"]) == 3
+    assert ex.trainer.peers == {}  # nothing to align with in the first round
+    task = _train_task(weights, 1)
+    inner = from_shareable(task)
+    inner.set_meta_prop(PEER_FEATURE_STATS_KEY, {"site-1": stats, "site-3": stats})
+    inner.update_shareable(task)
+    result = ex.execute(AppConstants.TASK_TRAIN, task, FLContext(), Signal())
+    assert sorted(ex.trainer.peers) == [0, 2]
+    assert "train_adv" in from_shareable(result).get_meta_prop(SITE_REPORT_KEY)
+    task = _train_task(weights, 2)  # statistics of a site outside the federation stop the site, naming it
+    inner = from_shareable(task)
+    inner.set_meta_prop(PEER_FEATURE_STATS_KEY, {"site-9": stats})
+    inner.update_shareable(task)
+    res = ex.execute(AppConstants.TASK_TRAIN, task, FLContext(), Signal())
+    assert res.get_return_code() == ReturnCode.EXECUTION_EXCEPTION

@@ -146,6 +146,15 @@ class DomainHeadUNet(FeatureUNet):
         return (head or self.domain_head)(self.standardise(self.pool(features)))
 
 
+def norm_layer_keys(model: nn.Module, statistics_only: bool = False) -> Set[str]:
+    """``state_dict`` keys of the model's normalisation layers (batch, instance, group and layer norm; found by
+    module type, since MONAI's names do not say ``bn``), or only their running statistics."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, norms)
+            for key in module.state_dict() if not statistics_only or key in stats}
+
+
 SEGMENTATION_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}
 MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {**SEGMENTATION_REGISTRY, **CLASSIFIER_REGISTRY}
 """Every network a job, a checkpoint or a command line names: the segmentation networks above and the classifiers

@@ -143,6 +143,18 @@ class SiteExecutor(Executor):
         (``local_metrics`` is empty when the local model is not evaluated)."""
         raise NotImplementedError
 
+    def site_local_keys(self) -> set:
+        """``state_dict`` keys that never leave the site (e.g. normalisation layers under FedBN): left out of every
+        train result, and restored from the site's own last local model into every global model it receives."""
+        return set()
+
+    def apply_local_layers(self) -> None:
+        """Put this site's own values of :meth:`site_local_keys` into ``self.model`` (once it has trained)."""
+        keys = self.site_local_keys()
+        if keys and self.local_weights is not None:
+            load_weights(self.model, {**weights_to_numpy(self.model),
+                                      **{k: self.local_weights[k] for k in keys}}, "the site's local layers")
+
     def result_meta(self) -> Dict[str, Any]:
         """Further documented meta entries of the train result besides the scalars (e.g. FedDA's feature
         statistics)."""
@@ -181,6 +193,7 @@ class SiteExecutor(Executor):
         n_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
         global_weights = self.unpack_train_data(dxo)
         load_weights(self.model, global_weights, f"global model of round {rnd}")
+        self.apply_local_layers()
         global_metrics, report = self.assess_global_model(dxo, global_weights, rnd, n_rounds, fl_ctx)
         for k, v in {**global_metrics, **report}.items():
             self._tb_scalar(f"global_{k}", v, rnd)
@@ -214,6 +227,8 @@ class SiteExecutor(Executor):
         """Cross-site evaluation: score the model in the task on this site's validation split."""
         owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         load_weights(self.model, from_shareable(shareable).data, f"model of '{owner}'")
+        if str(owner).startswith("SRV_"):  # a global model is deployed here with the site's local layers
+            self.apply_local_layers()
         metrics = self._validation_metrics()
         self.log_info(fl_ctx, f"validated model of '{owner}' on '{self.site}': "
                               f"{self.key_metric} {metrics[self.key_metric]:.4f}")
@@ -241,10 +256,12 @@ class SiteExecutor(Executor):
         """What a site sends after training: its local weights (or, see :meth:`result_kind`, their difference from
         the ``received`` global weights), sample count, the metrics of the received global model (for model
         selection) and the documented scalars in ``report``."""
+        local = self.site_local_keys()
+        sent = {k: v for k, v in self.local_weights.items() if k not in local}
         if self.result_kind() == DataKind.WEIGHT_DIFF:
-            out = DXO(DataKind.WEIGHT_DIFF, data=weight_difference(self.local_weights, received))
+            out = DXO(DataKind.WEIGHT_DIFF, data=weight_difference(sent, {k: received[k] for k in sent}))
         else:  # a copy: FLARE's result filters edit the payload in place (ExcludeVars deletes keys)
-            out = DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in self.local_weights.items()})
+            out = DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in sent.items()})
         out.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, n_train)
         out.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         out.set_meta_prop(SITE_REPORT_KEY, report)

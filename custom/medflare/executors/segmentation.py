@@ -30,6 +30,7 @@ from nvflare.apis.fl_context import FLContext
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..data.placement import place_on_device
 from ..metrics import evaluate_segmentation
+from ..networks import norm_layer_keys
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
 from .base import SiteExecutor
 
@@ -93,6 +94,10 @@ class SegmentationExecutor(SiteExecutor):
             (:mod:`medflare.data.placement`).
         evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
             :class:`~medflare.executors.base.SiteExecutor`).
+        local_norm: keep every normalisation layer (affine parameters and any running statistics) at the site
+            (FedBN): they are never sent, and the model the site trains, evaluates and deploys is the global model
+            with the site's own normalisation layers. Needs a norm with parameters (``model: {"norm": ["instance",
+            {"affine": true}]}`` or ``"batch"``).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
@@ -103,7 +108,7 @@ class SegmentationExecutor(SiteExecutor):
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
-                 evaluate_local_model: bool = True, mixed_precision: bool = False) -> None:
+                 evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: bool = False) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.mixed_precision = mixed_precision
         self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
@@ -125,11 +130,22 @@ class SegmentationExecutor(SiteExecutor):
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
         self.data: Optional[SiteData] = None
         self.trainer: Optional[SegmentationTrainer] = None
+        self.local_norm = local_norm
 
     @property
     def rounds_done(self) -> int:
         """Rounds this site has trained in (its local model is of round ``rounds_done - 1``)."""
         return self.local_round + 1
+
+    def site_local_keys(self) -> set:
+        """The normalisation layers' entries when ``local_norm`` (FedBN), else none."""
+        if not self.local_norm:
+            return set()
+        keys = norm_layer_keys(self.model)
+        if not keys:
+            raise ValueError("local_norm needs normalisation layers with parameters or statistics; the model has "
+                             "none (use model: {\"norm\": [\"instance\", {\"affine\": true}]} or \"batch\")")
+        return keys
 
     # ------------------------------------------------------------------ extension points
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
