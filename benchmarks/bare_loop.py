@@ -68,7 +68,7 @@ class LoopConfig:
     intensity_augmentation: str = "none"
     augmentation_prob: float = 0.5
     keep_local: str = "none"  # "norm": normalisation layers stay at the sites (FedBN); "norm_stats": their
-    # running statistics only (SiloBN)
+    # running statistics only (SiloBN); "first_norm": only the first normalisation layer (an input adapter)
     adv_weight: float = 0.1
     head_lr: float = 0.1
     warmup_rounds: int = 2
@@ -209,9 +209,13 @@ def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
     or only their running statistics (``"norm_stats"``, SiloBN)."""
     if keep_local == "none":
         return set()
-    if keep_local not in ("norm", "norm_stats"):
-        raise ValueError(f"keep_local must be none, norm or norm_stats, got {keep_local!r}")
-    return norm_layer_keys(model, statistics_only=keep_local == "norm_stats")
+    if keep_local not in ("norm", "norm_stats", "first_norm"):
+        raise ValueError(f"keep_local must be none, norm, norm_stats or first_norm, got {keep_local!r}")
+    keys = norm_layer_keys(model, statistics_only=keep_local == "norm_stats")
+    if keep_local == "first_norm":  # only the normalisation layer right after the input convolution
+        first = min({k.rsplit(".", 1)[0] for k in keys}, key=lambda m: list(dict(model.named_modules())).index(m))
+        keys = {k for k in keys if k.rsplit(".", 1)[0] == first}
+    return keys
 
 
 def run_reference(cfg: LoopConfig, syn, sites: List[str], data: Dict[str, Any], name: str,

@@ -46,7 +46,8 @@ def load_benchmark(synthetic: Dict[str, Any]):
     from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
 
     syn = SyntheticSegConfig(**synthetic)
-    spec = ImageSpec(spatial_dims=syn.spatial_dims, spatial_size=(syn.size,) * syn.spatial_dims)
+    spec = ImageSpec(num_classes=syn.num_classes, spatial_dims=syn.spatial_dims,
+                     spatial_size=(syn.size,) * syn.spatial_dims)
     sites = [f"site-{k + 1}" for k in range(len(syn.modalities))]
     return sites, {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
 
@@ -71,6 +72,7 @@ def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
     import torch
     from torch.utils.data import ConcatDataset
 
+    from medflare.data import SyntheticSegConfig
     from medflare.executors.base import configure_torch
     from medflare.metrics import evaluate_segmentation
     from medflare.networks import build_model
@@ -80,14 +82,15 @@ def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
     sites, data = load_benchmark(synthetic)
     device = torch.device("cpu")
     dims = data[sites[0]].train[0]["image"].ndim - 1
+    classes = SyntheticSegConfig(**synthetic).num_classes
 
     def new_trainer():
         torch.manual_seed(seed)
-        return SegmentationTrainer(build_model("unet", spatial_dims=dims), device, lr=DEFAULT_LR,
-                                   optimizer=DEFAULT_OPTIMIZER)
+        return SegmentationTrainer(build_model("unet", spatial_dims=dims, out_channels=classes), device,
+                                   lr=DEFAULT_LR, optimizer=DEFAULT_OPTIMIZER)
 
     def dice(model, site, split="test"):
-        return evaluate_segmentation(model, getattr(data[site], split), 3, device)["dice"]
+        return evaluate_segmentation(model, getattr(data[site], split), classes, device)["dice"]
 
     rounds_out: List[Dict[str, Any]] = []
     if method == "local":
@@ -485,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-val", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--variant", default="blobs", help="benchmark variant: blobs (default) or ellipses")
+    parser.add_argument("--variant", default="blobs", help="benchmark variant: blobs (default), ellipses or anatomy")
     parser.add_argument("--spatial-dims", type=int, default=2)
     parser.add_argument("--size", type=int, default=64, help="image edge (64 in 2D; 32 is practical in 3D)")
     parser.add_argument("--report-only", action="store_true",

@@ -117,10 +117,17 @@ class JobSpec:
         return [f"site-{i + 1}" for i in range(self.n_sites)]
 
 
+SEGMENTATION_BENCHMARK: Dict[str, Any] = {"variant": "anatomy", "n_train": 200, "n_val": 60, "n_test": 60}
+"""The built-in benchmark of the segmentation jobs: brain tissue on real anatomy (docs/training.md says why)."""
+AFFINE_NORM_UNET: Dict[str, Any] = {"name": "unet", "norm": ["instance", {"affine": True}]}
+"""The UNet with affine instance norm: the normalisation layers have parameters a site can keep (FedBN)."""
+
+
 def segmentation_job(name: str, executor: str = "medflare.executors.SegmentationExecutor",
                      controller: str = "medflare.workflows.MetricsScatterAndGather", **executor_args: Any) -> JobSpec:
-    """A job of the segmentation benchmark: 3 sites (T1, T2, CT), Dice, weighted averages applied with server
-    momentum (FedAvgM)."""
+    """A job of the segmentation benchmark: 3 sites (T1, T2, CT brain anatomy), Dice, weighted averages applied
+    with server momentum (FedAvgM)."""
+    executor_args = merge_args({"synthetic": SEGMENTATION_BENCHMARK}, executor_args)
     return JobSpec(name, Component(executor, executor_args), controller,
                    Component("medflare.aggregators.WeightedAggregator", {"output": "weight_diff"}), FEDAVG_M,
                    key_metric="dice", n_sites=3)
@@ -156,6 +163,7 @@ FAIR = "medflare.fair_aggregators."
 JOBS: Dict[str, JobSpec] = {spec.name: spec for spec in (
     segmentation_job("fedavg"),
     segmentation_job("fedprox", fedprox_mu=0.01),
+    segmentation_job("fedbn", model=AFFINE_NORM_UNET, local_norm=True),
     segmentation_job("fedda", ALIGNMENT, **FEDDA),
     segmentation_job("fedda_cyclic", ALIGNMENT, "medflare.workflows.RingRelayScatterAndGather", **FEDDA),
     segmentation_job("fedda_domain", ALIGNMENT, mode="domain", adv_weight=0.03, warmup_rounds=2,

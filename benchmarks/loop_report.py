@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Tables of in-process federated runs (``benchmarks/bare_loop.py --out``), regenerated from the committed records.
+
+    python benchmarks/loop_report.py docs/results/anatomy/report.jsonl            # print the Markdown tables
+    python benchmarks/loop_report.py docs/results/anatomy/report.jsonl --write docs/results/anatomy/tables.md
+
+Records are grouped by benchmark (variant, dimensions, sites) and by *method label* (``--label`` of the run, else its
+settings without the seed). Every figure is on the **test** split; validation only chose the settings
+(docs/training.md). Columns:
+
+- ``mean`` / ``worst``: Dice of the model each site deploys after the last round (the final global model; with
+  site-local layers the global model with the site's own layers; local-only: the site's own model), averaged over
+  sites / at the worst site; mean ± standard deviation over seeds.
+- ``swing``: the largest change of the mean Dice between consecutive rounds among the last five;
+  ``site swing``: the same for each site's own Dice, largest over sites (an alternation between sites shows here
+  even when the mean stays level).
+- ``probe``: held-out accuracy of a linear probe telling the sites apart from the final global model's pooled
+  bottleneck features (chance 1/K); ``probe r1/r5/r10``: the same after rounds 1, 5 and 10.
+- ``Δ mean`` / ``Δ worst``: paired difference to the baseline method (default ``fedavg``), seed by seed, with its
+  95% t interval; ``*`` where it excludes 0.
+
+A per-site table gives each site's Dice and its paired difference to the baseline, so that a change of which site
+is worst cannot hide a loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "custom"))
+
+from medflare.statistics import paired_difference  # noqa: E402
+
+
+def load_records(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+def benchmark_key(record: Dict[str, Any]) -> str:
+    syn = record["config"]["synthetic"]
+    sites = len(record["sites"])
+    holdout = record["config"].get("holdout") or ""
+    name = f"{syn.get('variant', 'blobs')} {syn.get('spatial_dims', 2)}D, {sites} sites"
+    return name + (f", {holdout} left out" if holdout else "")
+
+
+def method_label(record: Dict[str, Any]) -> str:
+    label = record.get("label", "")
+    return label.rsplit(" s", 1)[0] if label else record["config"]["method"]
+
+
+def site_swing(record: Dict[str, Any], window: int = 5) -> float:
+    """Largest round-to-round change of any site's Dice among the last ``window`` rounds."""
+    rounds = record["rounds"][-window:]
+    sites = record["sites"]
+    return max(abs(b["test"][s] - a["test"][s]) for s in sites for a, b in zip(rounds, rounds[1:]))
+
+
+def final_sites(record: Dict[str, Any]) -> Dict[str, float]:
+    return dict(record["rounds"][-1]["test"])
+
+
+def probe_at(record: Dict[str, Any], rnd: int) -> Optional[float]:
+    for entry in record["rounds"]:
+        if entry["round"] == rnd and "probe" in entry:
+            return entry["probe"]
+    return None
+
+
+def fmt(values: Sequence[Optional[float]]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+
+def fmt_diff(d: Dict[str, float]) -> str:
+    if d["n"] < 2:
+        return f"{d['diff']:+.3f}"
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["significant"] else "")
+
+
+def paired(runs: Dict[int, Dict[str, Any]], base: Dict[int, Dict[str, Any]], get) -> Optional[Dict[str, float]]:
+    seeds = sorted(set(runs) & set(base))
+    if not seeds:
+        return None
+    return paired_difference([get(runs[s]) for s in seeds], [get(base[s]) for s in seeds])
+
+
+def group(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[int, Dict[str, Any]]]]:
+    """``{benchmark: {method: {seed: record}}}`` in the order first seen (a rerun of a seed replaces it)."""
+    out: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+    for r in records:
+        out.setdefault(benchmark_key(r), {}).setdefault(method_label(r), {})[int(r["config"]["seed"])] = r
+    return out
+
+
+def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> List[str]:
+    lines = ["| method | seeds | mean | worst | swing | site swing | probe | probe r1 / r5 / r10 | "
+             f"Δ mean vs {baseline} (95% CI) | Δ worst vs {baseline} (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = methods.get(baseline, {})
+    for name, runs in methods.items():
+        recs = [runs[s] for s in sorted(runs)]
+        means = [float(np.mean(list(final_sites(r).values()))) for r in recs]
+        worsts = [float(np.min(list(final_sites(r).values()))) for r in recs]
+        swings = [r["stability"]["last5_max_change"] for r in recs]
+        probes = [r.get("probe_accuracy") for r in recs]
+        early = " / ".join(fmt([probe_at(r, k) for r in recs]).split(" ± ")[0] for k in (1, 5, 10))
+        if name == baseline or not base:
+            d_mean = d_worst = "–"
+        else:
+            dm = paired(runs, base, lambda r: float(np.mean(list(final_sites(r).values()))))
+            dw = paired(runs, base, lambda r: float(np.min(list(final_sites(r).values()))))
+            d_mean, d_worst = (fmt_diff(dm), fmt_diff(dw)) if dm else ("–", "–")
+        lines.append(f"| {name} | {','.join(str(s) for s in sorted(runs))} | {fmt(means)} | {fmt(worsts)} | "
+                     f"{fmt(swings)} | {fmt([site_swing(r) for r in recs])} | {fmt(probes)} | {early} | "
+                     f"{d_mean} | {d_worst} |")
+    return lines
+
+
+def site_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> List[str]:
+    sites = next(iter(next(iter(methods.values())).values()))["sites"]
+    modalities = next(iter(next(iter(methods.values())).values()))["config"]["synthetic"].get("modalities", [])
+    names = [f"{s} ({m})" if m else s for s, m in zip(sites, list(modalities) + [""] * len(sites))]
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(sites)]
+    base = methods.get(baseline, {})
+    for name, runs in methods.items():
+        cells = []
+        for s in sites:
+            cell = fmt([final_sites(runs[k])[s] for k in sorted(runs)])
+            if name != baseline and base:
+                d = paired(runs, base, lambda r, s=s: final_sites(r)[s])
+                if d:
+                    cell += f"; Δ {fmt_diff(d)}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(records: List[Dict[str, Any]], baseline: str = "fedavg") -> str:
+    """Markdown: per benchmark, the main table and the per-site table."""
+    out = []
+    for bench, methods in group(records).items():
+        out += [f"### {bench}", "", *main_table(methods, baseline), "", "Per site (test Dice; Δ: paired difference "
+                f"to {baseline}, 95% CI):", "", *site_table(methods, baseline), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("records", nargs="+", help="JSON-lines records of benchmarks/bare_loop.py")
+    ap.add_argument("--baseline", default="fedavg", help="method label the differences are taken against")
+    ap.add_argument("--write", help="write the tables to this file instead of printing them")
+    args = ap.parse_args(argv)
+    text = report(load_records(args.records), args.baseline)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
