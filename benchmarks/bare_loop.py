@@ -74,6 +74,7 @@ class LoopConfig:
     warmup_rounds: int = 2
     disc_lr: float = 1e-3
     disc_hidden: int = 64
+    alignment: str = "adversarial"
     holdout: str = ""  # a site (e.g. "site-2") that does not train: leave-one-modality-out evaluation
     probe_every: int = 1  # rounds between linear site probes of the global model (0: final model only)
 
@@ -135,7 +136,8 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         if cfg.method == "fedda_stats":
             trainers[s] = StatisticsAlignmentTrainer(build_model(name, **model_args), device, i, len(train_sites),
                                                      syn.num_classes, adv_weight=cfg.adv_weight,
-                                                     disc_lr=cfg.disc_lr, disc_hidden=cfg.disc_hidden, **train_args)
+                                                     disc_lr=cfg.disc_lr, disc_hidden=cfg.disc_hidden, alignment=cfg.alignment,
+                                                     **train_args)
         elif cfg.method == "fedda":
             trainers[s] = DomainAdversarialTrainer(build_model(name, **model_args), device, i,
                                                    adv_weight=cfg.adv_weight, head_lr=cfg.head_lr,

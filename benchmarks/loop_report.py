@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Tables of in-process federated runs (``benchmarks/bare_loop.py --out``), regenerated from the committed records.
 
-    python benchmarks/loop_report.py docs/results/anatomy/report.jsonl            # print the Markdown tables
-    python benchmarks/loop_report.py docs/results/anatomy/report.jsonl --write docs/results/anatomy/tables.md
+    python benchmarks/loop_report.py docs/results/anatomy/records.jsonl            # print the Markdown tables
+    python benchmarks/loop_report.py docs/results/anatomy/records.jsonl --write docs/results/anatomy/tables.md
+    python benchmarks/loop_report.py docs/results/anatomy/tuning.jsonl --split val  # a sweep, on validation
+    python benchmarks/loop_report.py --docs      # rewrite every tables.md/tuning.md and the docs that quote them
+
+``--docs`` regenerates, for every ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl``
+(validation split), the file ``tables.md`` / ``tuning.md`` beside it, and the blocks of ``docs/*.md`` between
+``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and ``<!-- end of tables -->``.
 
 Records are grouped by benchmark (variant, dimensions, sites) and by *method label* (``--label`` of the run, else its
 settings without the seed). Every figure is on the **test** split; validation only chose the settings
 (docs/training.md). Columns:
 
-- ``mean`` / ``worst``: Dice of the model each site deploys after the last round (the final global model; with
+- ``mean`` / ``worst``: Dice (of the test split; ``--split val``: the validation split, for tuning sweeps) of the model each site deploys after the last round (the final global model; with
   site-local layers the global model with the site's own layers; local-only: the site's own model), averaged over
   sites / at the worst site; mean ± standard deviation over seeds.
 - ``swing``: the largest change of the mean Dice between consecutive rounds among the last five;
@@ -64,11 +70,24 @@ def site_swing(record: Dict[str, Any], window: int = 5) -> float:
     """Largest round-to-round change of any site's Dice among the last ``window`` rounds."""
     rounds = record["rounds"][-window:]
     sites = record["sites"]
-    return max(abs(b["test"][s] - a["test"][s]) for s in sites for a, b in zip(rounds, rounds[1:]))
+    return max(abs(b[SPLIT][s] - a[SPLIT][s]) for s in sites for a, b in zip(rounds, rounds[1:]))
+
+
+def mean_swing(record: Dict[str, Any], window: int = 5) -> float:
+    """Largest round-to-round change of the mean Dice among the last ``window`` rounds."""
+    tail = curve(record)[-window:]
+    return max(abs(b - a) for a, b in zip(tail, tail[1:]))
+
+
+SPLIT = "test"  # the split the tables read (``--split``)
 
 
 def final_sites(record: Dict[str, Any]) -> Dict[str, float]:
-    return dict(record["rounds"][-1]["test"])
+    return dict(record["rounds"][-1][SPLIT])
+
+
+def curve(record: Dict[str, Any]) -> List[float]:
+    return [float(np.mean(list(r[SPLIT].values()))) for r in record["rounds"]]
 
 
 def probe_at(record: Dict[str, Any], rnd: int) -> Optional[float]:
@@ -115,7 +134,7 @@ def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
         recs = [runs[s] for s in sorted(runs)]
         means = [float(np.mean(list(final_sites(r).values()))) for r in recs]
         worsts = [float(np.min(list(final_sites(r).values()))) for r in recs]
-        swings = [r["stability"]["last5_max_change"] for r in recs]
+        swings = [mean_swing(r) for r in recs]
         probes = [r.get("probe_accuracy") for r in recs]
         early = " / ".join(fmt([probe_at(r, k) for r in recs]).split(" ± ")[0] for k in (1, 5, 10))
         if name == baseline or not base:
@@ -149,22 +168,86 @@ def site_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
     return lines
 
 
-def report(records: List[Dict[str, Any]], baseline: str = "fedavg") -> str:
-    """Markdown: per benchmark, the main table and the per-site table."""
+def report(records: List[Dict[str, Any]], baseline: str = "fedavg", split: str = "test") -> str:
+    """Markdown: per benchmark, the main table and the per-site table, of the ``split`` figures."""
+    global SPLIT
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, got {split!r}")
+    SPLIT = split
     out = []
     for bench, methods in group(records).items():
-        out += [f"### {bench}", "", *main_table(methods, baseline), "", "Per site (test Dice; Δ: paired difference "
-                f"to {baseline}, 95% CI):", "", *site_table(methods, baseline), ""]
+        out += [f"### {bench}", "", *main_table(methods, baseline), "", f"Per site ({SPLIT} Dice; Δ: paired "
+                f"difference to {baseline}, 95% CI):", "", *site_table(methods, baseline), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+BEGIN = "<!-- tables: {} -->"
+END = "<!-- end of tables -->"
+DOCS_DIR = os.path.join(ROOT, "docs")
+
+
+def committed_reports() -> Dict[str, Tuple[str, str, str]]:
+    """``{block name: (records file, split, tables file)}`` of every committed record set under docs/results."""
+    out = {}
+    results = os.path.join(DOCS_DIR, "results")
+    for name in sorted(os.listdir(results)) if os.path.isdir(results) else []:
+        for records, split, tables, block in (("records.jsonl", "test", "tables.md", name),
+                                              ("tuning.jsonl", "val", "tuning.md", f"{name}/tuning")):
+            path = os.path.join(results, name, records)
+            if os.path.isfile(path):
+                out[block] = (path, split, os.path.join(results, name, tables))
+    return out
+
+
+def replace_blocks(text: str, tables: Dict[str, str]) -> str:
+    """``text`` with the content of every quoted block replaced by the regenerated tables of its name."""
+    for name, content in tables.items():
+        marker = BEGIN.format(f"results/{name}")
+        pos = 0
+        while (start := text.find(marker, pos)) >= 0:
+            end = text.index(END, start)
+            text = text[:start + len(marker)] + "\n" + content + text[end:]
+            pos = start + len(marker) + 1 + len(content) + len(END)
+    return text
+
+
+def update_docs() -> List[str]:
+    """Regenerate every tables file and every quoted block; returns the files written."""
+    written, tables = [], {}
+    for block, (records, split, path) in committed_reports().items():
+        tables[block] = report(load_records([records]), split=split)
+        with open(path, "w") as f:
+            f.write(tables[block])
+        written.append(path)
+    for name in sorted(os.listdir(DOCS_DIR)):
+        if name.endswith(".md"):
+            path = os.path.join(DOCS_DIR, name)
+            with open(path) as f:
+                text = f.read()
+            new = replace_blocks(text, tables)
+            if new != text:
+                with open(path, "w") as f:
+                    f.write(new)
+                written.append(path)
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("records", nargs="+", help="JSON-lines records of benchmarks/bare_loop.py")
+    ap.add_argument("records", nargs="*", help="JSON-lines records of benchmarks/bare_loop.py")
+    ap.add_argument("--docs", action="store_true", help="regenerate the committed tables and the docs' quotes")
     ap.add_argument("--baseline", default="fedavg", help="method label the differences are taken against")
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="figures of the test split (reports) or of the validation split (choosing settings)")
     ap.add_argument("--write", help="write the tables to this file instead of printing them")
     args = ap.parse_args(argv)
-    text = report(load_records(args.records), args.baseline)
+    if args.docs:
+        for path in update_docs():
+            print(f"wrote {os.path.relpath(path, ROOT)}")
+        return
+    if not args.records:
+        ap.error("give records, or --docs")
+    text = report(load_records(args.records), args.baseline, args.split)
     if args.write:
         with open(args.write, "w") as f:
             f.write(text)

@@ -27,6 +27,7 @@ from .alignment import confusion_loss
 from .training import SegmentationTrainer
 
 VARIANCE_FLOOR = 1e-4
+MOMENT_SCALE_FLOOR = 1e-2
 
 
 def location_classes(labels: torch.Tensor, feature_shape: Sequence[int], num_classes: int,
@@ -172,6 +173,29 @@ class SiteDiscriminator(nn.Module):
         return self.net(torch.cat([vectors, F.one_hot(classes, self.num_classes).to(vectors.dtype)], dim=1))
 
 
+def moment_matching_loss(vectors: torch.Tensor, classes: torch.Tensor, peers: Mapping[int, FeatureStatistics],
+                         num_classes: int) -> torch.Tensor:
+    """Squared distance between this batch's class means and the peers' (count-weighted) class means, in units of
+    the peers' standard deviation, averaged over the classes present in both and the channels."""
+    count, total, _ = class_feature_sums(vectors, classes, num_classes)
+    batch_mean = total / count.clamp_min(1.0).unsqueeze(1)
+    weights = torch.stack([torch.as_tensor(p.count, device=vectors.device) for p in peers.values()])  # (P, K)
+    means = torch.stack([torch.as_tensor(p.mean, device=vectors.device) for p in peers.values()])    # (P, K, C)
+    vars_ = torch.stack([torch.as_tensor(p.var, device=vectors.device) for p in peers.values()])
+    w = weights / weights.sum(dim=0, keepdim=True).clamp_min(1.0)
+    peer_mean = (w.unsqueeze(2) * means).sum(dim=0)
+    peer_var = (w.unsqueeze(2) * vars_).sum(dim=0).clamp_min(VARIANCE_FLOOR)
+    present = (count > 0) & (weights.sum(dim=0) > 0)
+    if not present.any():
+        return vectors.sum() * 0.0
+    # the scale floor keeps channels that barely vary at the peers from dominating (and from diverging)
+    gap = (batch_mean - peer_mean.to(vectors.dtype)) / (peer_var + MOMENT_SCALE_FLOOR).sqrt().to(vectors.dtype)
+    return (gap[present] ** 2).mean()
+
+
+ALIGNMENTS = ("adversarial", "moments")
+
+
 class StatisticsAlignmentTrainer(SegmentationTrainer):
     """:class:`SegmentationTrainer` that aligns its bottleneck features with the other sites' (see the module
     docstring). Per batch:
@@ -180,7 +204,9 @@ class StatisticsAlignmentTrainer(SegmentationTrainer):
        with this site's index and on virtual vectors of every peer labelled with the peer's index;
     2. model step: ``DiceCE + weight * CE(D(own vectors), uniform)`` (the discriminator frozen).
 
-    Without peer statistics (the first round) it trains like :class:`SegmentationTrainer`.
+    ``alignment="moments"`` replaces the adversarial game by direct moment matching: ``DiceCE + weight *``
+    :func:`moment_matching_loss` (no discriminator is trained). Without peer statistics (the first round) it trains
+    like :class:`SegmentationTrainer`.
 
     Args:
         model: a :class:`~medflare.networks.FeatureUNet`.
@@ -192,12 +218,16 @@ class StatisticsAlignmentTrainer(SegmentationTrainer):
         disc_lr: Adam learning rate of the discriminator.
         disc_hidden: hidden units of the discriminator (0: linear).
         max_locations: own location vectors used per batch (a random subset; bounds the discriminator's cost).
+        alignment: ``"adversarial"`` (site discriminator and confusion) or ``"moments"`` (moment matching).
         **kwargs: :class:`SegmentationTrainer` arguments.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, site_index: int, n_sites: int, num_classes: int,
                  adv_weight: float = 0.1, disc_lr: float = 1e-3, disc_hidden: int = 64, max_locations: int = 512,
-                 **kwargs: Any) -> None:
+                 alignment: str = "adversarial", **kwargs: Any) -> None:
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+        self.alignment = alignment
         if not hasattr(model, "forward_with_features"):
             raise TypeError("feature alignment needs a model with forward_with_features (e.g. FeatureUNet)")
         if not 0 <= site_index < n_sites:
@@ -226,6 +256,10 @@ class StatisticsAlignmentTrainer(SegmentationTrainer):
             pick = torch.randperm(len(cls), generator=self.generator)[:self.max_locations].to(cls.device)
             vectors, cls = vectors[pick], cls[pick]
         if len(cls) == 0:
+            return self.optimise(terms)
+        if self.alignment == "moments":
+            if self.current_weight > 0:
+                terms["adv"] = self.current_weight * moment_matching_loss(vectors, cls, self.peers, self.num_classes)
             return self.optimise(terms)
         # 1) discriminator: own vectors (own index) against the peers' virtual vectors (their indices)
         virtual, v_cls, v_site = sample_peer_features(self.peers, cls, self.generator)
