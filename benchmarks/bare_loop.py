@@ -213,11 +213,8 @@ def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
         return set()
     if keep_local not in ("norm", "norm_stats", "first_norm"):
         raise ValueError(f"keep_local must be none, norm, norm_stats or first_norm, got {keep_local!r}")
-    keys = norm_layer_keys(model, statistics_only=keep_local == "norm_stats")
-    if keep_local == "first_norm":  # only the normalisation layer right after the input convolution
-        first = min({k.rsplit(".", 1)[0] for k in keys}, key=lambda m: list(dict(model.named_modules())).index(m))
-        keys = {k for k in keys if k.rsplit(".", 1)[0] == first}
-    return keys
+    # "first_norm": only the normalisation layer right after the input convolution (local_norm="first" of the jobs)
+    return norm_layer_keys(model, statistics_only=keep_local == "norm_stats", first_only=keep_local == "first_norm")
 
 
 def run_reference(cfg: LoopConfig, syn, sites: List[str], data: Dict[str, Any], name: str,

@@ -163,10 +163,7 @@ def run_federated(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
 def federated_record(method: str, seed: int, summary: Dict[str, Any], checkpoint: str,
                      synthetic: Dict[str, Any]) -> Dict[str, Any]:
     """A comparison record from a FLARE run's summary, plus the linear probe of its final global model."""
-    import torch
-
-    from medflare.executors.base import load_weights
-    from medflare.networks import build_model
+    from medflare.trained_model import load_checkpoint
 
     sites = sorted(summary["rounds"][-1]["sites"])
     test_rounds = {c["round"]: c["sites"] for c in summary["test"]["rounds"]}
@@ -177,13 +174,8 @@ def federated_record(method: str, seed: int, summary: Dict[str, Any], checkpoint
         if any("domain_acc" in m for m in r["sites"].values()):
             entry["domain_acc"] = {s: m["domain_acc"] for s, m in r["sites"].items() if "domain_acc" in m}
         rounds.append(entry)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     site_data = load_benchmark(synthetic)[1]
-    dims = site_data[sites[0]].test[0]["image"].ndim - 1
-    head = state.get("domain_head.weight")
-    model = build_model("unet_domain", n_domains=head.shape[0], spatial_dims=dims) if head is not None \
-        else build_model("unet", spatial_dims=dims)
-    load_weights(model, state, checkpoint)
+    model = load_checkpoint(checkpoint).network  # the network the checkpoint records (affine norms, domain head...)
     return {"method": method, "seed": seed, "sites": sites,
             "modalities": {s: summary["rounds"][-1]["sites"][s].get("modality", s) for s in sites},
             "rounds": rounds, "matrix": summary["cross_site"]["matrix"], "held_out": summary["test"],

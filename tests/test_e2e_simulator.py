@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from flare_runs import check_run, error_lines, initial_and_final_dice, prepare_job, run_simulator
 
@@ -12,7 +13,8 @@ ROUNDS = 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedda", "fedda_domain", "fedda_cyclic", "fedda_stats"])
+@pytest.mark.parametrize("job_name", ["fedavg", "fedprox", "fedbn", "fedda", "fedda_domain", "fedda_cyclic",
+                                      "fedda_stats"])
 def test_job_runs_and_improves(job_name, tmp_path):
     job = prepare_job(job_name, str(tmp_path), num_rounds=ROUNDS)
     ws = str(tmp_path / "ws")
@@ -21,7 +23,8 @@ def test_job_runs_and_improves(job_name, tmp_path):
         output = f.read()
     assert proc.returncode == 0, output[-3000:]
     assert not error_lines(ws), error_lines(ws)[:10]
-    model = {"name": "unet_domain", "n_domains": 3} if job_name == "fedda_domain" else None
+    model = {"fedda_domain": {"name": "unet_domain", "n_domains": 3},
+             "fedbn": {"name": "unet", "norm": ("instance", {"affine": True})}}.get(job_name)
     summary = check_run(os.path.join(ws, "server", "simulate_job"), SITES, ROUNDS, model)
     initial, final = initial_and_final_dice(summary)
     assert final > initial + 0.05, f"final mean Dice {final:.3f} not above the initial model's {initial:.3f}"
@@ -38,6 +41,11 @@ def test_job_runs_and_improves(job_name, tmp_path):
         with open(os.path.join(ws, "site-2", "log.txt")) as f:
             assert "round 1: confusing the received domain head" in f.read()
         assert all("domain_acc" in m for r in summary["rounds"] for m in r["sites"].values())
+    if job_name == "fedbn":  # the global checkpoint's norm layers never moved: no site sent them
+        ckpt = torch.load(os.path.join(ws, "server", "simulate_job", "app_server", "FL_global_model.pt"),
+                          weights_only=True)["model"]
+        norm = [k for k in ckpt if k.endswith("adn.N.weight")]
+        assert norm and all(torch.equal(ckpt[k], torch.ones_like(ckpt[k])) for k in norm)
     if job_name == "fedprox":
         with open(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "config", "config_fed_client.json")) as f:
             assert json.load(f)["executors"][0]["executor"]["args"]["fedprox_mu"] > 0

@@ -224,3 +224,17 @@ def test_statistics_mode_sends_its_statistics_and_uses_the_peers(tmp_path):
     inner.update_shareable(task)
     res = ex.execute(AppConstants.TASK_TRAIN, task, FLContext(), Signal())
     assert res.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+
+
+def test_first_local_norm_keeps_only_the_input_layer_s_norm(tmp_path):
+    from medflare.networks import build_model, norm_layer_keys
+
+    net = build_model(**AFFINE)
+    first = norm_layer_keys(net, first_only=True)
+    assert len(first) == 2 and first < norm_layer_keys(net)
+    ex = _executor(SegmentationExecutor, tmp_path, model=AFFINE, local_norm="first")
+    weights = _global_weights(AFFINE)
+    result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
+    assert set(from_shareable(result).data) == set(weights) - first
+    with pytest.raises(ValueError, match="local_norm"):
+        SegmentationExecutor(local_norm="all")

@@ -146,13 +146,19 @@ class DomainHeadUNet(FeatureUNet):
         return (head or self.domain_head)(self.standardise(self.pool(features)))
 
 
-def norm_layer_keys(model: nn.Module, statistics_only: bool = False) -> Set[str]:
+def norm_layer_keys(model: nn.Module, statistics_only: bool = False, first_only: bool = False) -> Set[str]:
     """``state_dict`` keys of the model's normalisation layers (batch, instance, group and layer norm; found by
-    module type, since MONAI's names do not say ``bn``), or only their running statistics."""
+    module type, since MONAI's names do not say ``bn``): all their entries, only their running statistics, or only
+    those of the first normalisation layer in module order."""
     norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     stats = ("running_mean", "running_var", "num_batches_tracked")
-    return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, norms)
-            for key in module.state_dict() if not statistics_only or key in stats}
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, norms)
+              and (not statistics_only or any(k in stats for k in module.state_dict()))
+              and module.state_dict()]
+    if first_only:
+        layers = layers[:1]
+    return {f"{name}.{key}" for name, module in layers for key in module.state_dict()
+            if not statistics_only or key in stats}
 
 
 SEGMENTATION_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}

@@ -94,10 +94,11 @@ class SegmentationExecutor(SiteExecutor):
             (:mod:`medflare.data.placement`).
         evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
             :class:`~medflare.executors.base.SiteExecutor`).
-        local_norm: keep every normalisation layer (affine parameters and any running statistics) at the site
-            (FedBN): they are never sent, and the model the site trains, evaluates and deploys is the global model
-            with the site's own normalisation layers. Needs a norm with parameters (``model: {"norm": ["instance",
-            {"affine": true}]}`` or ``"batch"``).
+        local_norm: ``true``: keep every normalisation layer (affine parameters and any running statistics) at
+            the site (FedBN): they are never sent, and the model the site trains, evaluates and deploys is the global
+            model with the site's own normalisation layers. ``"first"``: only the first one (the layer right after
+            the input convolution: a per-site input adapter of 2 x channels numbers). Needs a norm with parameters
+            (``model: {"norm": ["instance", {"affine": true}]}`` or ``"batch"``).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
@@ -108,7 +109,7 @@ class SegmentationExecutor(SiteExecutor):
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
-                 evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: bool = False) -> None:
+                 evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: Any = False) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.mixed_precision = mixed_precision
         self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
@@ -130,6 +131,8 @@ class SegmentationExecutor(SiteExecutor):
         self.eval_roi_size = tuple(eval_roi_size) if eval_roi_size else None
         self.data: Optional[SiteData] = None
         self.trainer: Optional[SegmentationTrainer] = None
+        if local_norm not in (False, True, "first"):
+            raise ValueError(f"local_norm must be true, false or \"first\", got {local_norm!r}")
         self.local_norm = local_norm
 
     @property
@@ -138,10 +141,10 @@ class SegmentationExecutor(SiteExecutor):
         return self.local_round + 1
 
     def site_local_keys(self) -> set:
-        """The normalisation layers' entries when ``local_norm`` (FedBN), else none."""
+        """The normalisation layers' entries when ``local_norm`` (FedBN; only the first layer's for ``"first"``)."""
         if not self.local_norm:
             return set()
-        keys = norm_layer_keys(self.model)
+        keys = norm_layer_keys(self.model, first_only=self.local_norm == "first")
         if not keys:
             raise ValueError("local_norm needs normalisation layers with parameters or statistics; the model has "
                              "none (use model: {\"norm\": [\"instance\", {\"affine\": true}]} or \"batch\")")
