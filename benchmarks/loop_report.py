@@ -21,7 +21,9 @@ settings without the seed). Every figure is on the **test** split; validation on
   ``site swing``: the same for each site's own Dice, largest over sites (an alternation between sites shows here
   even when the mean stays level).
 - ``probe``: held-out accuracy of a linear probe telling the sites apart from the final global model's pooled
-  bottleneck features (chance 1/K); ``probe r1/r5/r10``: the same after rounds 1, 5 and 10.
+  bottleneck features (chance 1/K); ``probe r0/r1/r5/r10``: the same for the global model of rounds 0 (the
+  untrained, random network), 1, 5 and 10; ``raw-image probe``: the same probe on the images' 32-bin intensity
+  histograms (how visible the site is before any network).
 - ``Δ mean`` / ``Δ worst``: paired difference to the baseline method (default ``fedavg``), seed by seed, with its
   95% t interval; ``*`` where it excludes 0.
 
@@ -126,9 +128,9 @@ def group(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[int, Dict[s
 
 
 def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> List[str]:
-    lines = ["| method | seeds | mean | worst | swing | site swing | probe | probe r1 / r5 / r10 | "
+    lines = ["| method | seeds | mean | worst | swing | site swing | probe | probe r0 / r1 / r5 / r10 | raw-image probe | "
              f"Δ mean vs {baseline} (95% CI) | Δ worst vs {baseline} (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = methods.get(baseline, {})
     for name, runs in methods.items():
         recs = [runs[s] for s in sorted(runs)]
@@ -136,7 +138,8 @@ def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
         worsts = [float(np.min(list(final_sites(r).values()))) for r in recs]
         swings = [mean_swing(r) for r in recs]
         probes = [r.get("probe_accuracy") for r in recs]
-        early = " / ".join(fmt([probe_at(r, k) for r in recs]).split(" ± ")[0] for k in (1, 5, 10))
+        early = " / ".join(fmt([probe_at(r, k) for r in recs]).split(" ± ")[0] for k in (0, 1, 5, 10))
+        raw = fmt([r.get("raw_probe") for r in recs]).split(" ± ")[0]
         if name == baseline or not base:
             d_mean = d_worst = "–"
         else:
@@ -144,7 +147,7 @@ def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
             dw = paired(runs, base, lambda r: float(np.min(list(final_sites(r).values()))))
             d_mean, d_worst = (fmt_diff(dm), fmt_diff(dw)) if dm else ("–", "–")
         lines.append(f"| {name} | {','.join(str(s) for s in sorted(runs))} | {fmt(means)} | {fmt(worsts)} | "
-                     f"{fmt(swings)} | {fmt([site_swing(r) for r in recs])} | {fmt(probes)} | {early} | "
+                     f"{fmt(swings)} | {fmt([site_swing(r) for r in recs])} | {fmt(probes)} | {early} | {raw} | "
                      f"{d_mean} | {d_worst} |")
     return lines
 
