@@ -338,7 +338,11 @@ def test_stage_job_shipped_and_site_code(tmp_path):
     server = _json(os.path.join(shipped, "app", "config", "config_fed_server.json"))
     assert (server["num_rounds"], server["min_clients"]) == (1, 2)
     client = _json(os.path.join(shipped, "app", "config", "config_fed_client.json"))
-    assert client["executors"][0]["executor"]["args"]["synthetic"] == {"n_train": 8, "n_val": 2}
+    from medflare.jobspec import SEGMENTATION_BENCHMARK
+
+    # the given settings replace the job's, the job's others stay
+    assert client["executors"][0]["executor"]["args"]["synthetic"] == {**SEGMENTATION_BENCHMARK, "n_train": 8,
+                                                                       "n_val": 2}
     cse = [w for w in server["workflows"] if w["id"] == "cross_site_validate"][0]
     assert cse["args"]["submit_model_task_name"] == ""  # staged jobs evaluate the global models only
     kept = stage_job(src, str(tmp_path / "k"), cross_site_local_models=True)
