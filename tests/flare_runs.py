@@ -60,9 +60,12 @@ def error_lines(workspace: str) -> List[str]:
 
 
 def load_checkpoint_into_model(path: str, model_args: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
-    """Load a persisted global model into a freshly built network (fails if the keys or shapes differ)."""
+    """Load a persisted global model into a freshly built network (fails if the keys or shapes differ); without
+    ``model_args``, the network its provenance record names."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**{"name": "unet", **(model_args or {})})
+    if model_args is None:
+        model_args = dict(ckpt["medflare_provenance"]["model"]) if "medflare_provenance" in ckpt else {}
+    model = build_model(**{"name": "unet", **model_args})
     model.load_state_dict(ckpt["model"])
     return model
 
