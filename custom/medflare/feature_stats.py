@@ -293,7 +293,3 @@ class StatisticsAlignmentTrainer(SegmentationTrainer):
         self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.peers = {int(k): FeatureStatistics.from_report(v, f"site {k}") for k, v in state.get("peers", {}).items()}
 
-
-def optional_statistics(report: Optional[Mapping[str, Any]], source: str) -> Optional[FeatureStatistics]:
-    """:meth:`FeatureStatistics.from_report`, or ``None`` for a missing report."""
-    return None if report is None else FeatureStatistics.from_report(report, source)
