@@ -209,7 +209,7 @@ def runner_command(runner: str, rounds: int, workdir: str) -> tuple:
         executor_args["synthetic"] = {"n_clients": n_sites, "n_corrupted": n_sites // 5}
         changes = {"n_sites": n_sites, "cross_site_local_models": False}
     spec = get_job(name).with_changes(executor_args=executor_args, controller_args=controller_args,
-                                      num_rounds=rounds, name_sites=False, **changes)
+                                      num_rounds=rounds, **changes)
     job = write_job(spec, os.path.join(workdir, "job"))
     ws = os.path.join(workdir, "ws")
     return [NVFLARE, "simulator", job, "-w", ws, "-n", str(n_sites), "-t", str(workers)], env

@@ -97,7 +97,7 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
     unknown = sorted(set(settings) - set(SERVER_SETTINGS))
     if unknown:
         raise StageError(f"server settings {unknown} cannot be changed; these can: {list(SERVER_SETTINGS)}")
-    changes: Dict[str, Any] = {"name": name or spec.name, "name_sites": False,
+    changes: Dict[str, Any] = {"name": name or spec.name,
                                "cross_site_local_models": cross_site_local_models}
     for key, value in (("num_rounds", settings.get("num_rounds", num_rounds)),
                        ("n_sites", settings.get("min_clients", min_clients)), ("server", settings.get("server"))):

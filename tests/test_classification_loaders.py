@@ -124,3 +124,31 @@ def test_site_config_selects_real_data_and_a_global_test(tmp_path, monkeypatch):
     config.write_text(json.dumps({"format": "image_list", "list": "list.csv", "val_fraction": 0.0}))
     with pytest.raises(DataError, match="hospital-a.*validation split"):
         load_cls_site_data("hospital-a", None, SyntheticClsConfig(), num_classes=2, spatial_size=SIZE)
+
+
+def test_nested_test_sources_take_the_sites_data_root_and_format(tmp_path, monkeypatch):
+    """A site's ``data_root`` (and format) apply to its nested ``test`` and ``global_test`` sources unless they set
+    their own; a nested source's own ``data_root`` still confines it."""
+    images = tmp_path / "images"
+    (images / "test").mkdir(parents=True)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for i in range(4):
+        _png(images / f"{i}.png", i)
+        _png(images / "test" / f"t{i}.png", 10 + i)
+    (lists / "train.csv").write_text("image,label\n" + "".join(f"../images/{i}.png,{i % 2}\n" for i in range(4)))
+    (lists / "test.csv").write_text("image,label\n" + "".join(f"../images/test/t{i}.png,{i % 2}\n" for i in range(3)))
+    site = {"format": "image_list", "list": "lists/train.csv", "val_fraction": 0.5, "data_root": "images",
+            "test": {"list": "lists/test.csv"}, "global_test": {"clean": {"list": "lists/test.csv"}}}
+    config = tmp_path / "sites.json"
+    config.write_text(json.dumps({"sites": {"hospital-a": site}}))
+    monkeypatch.setenv("MEDFLARE_SITE_CONFIG", str(config))
+    data = load_cls_site_data("hospital-a", None, SyntheticClsConfig(), num_classes=2, spatial_size=SIZE)
+    assert len(data.test) == 3 and len(data.global_test["clean"]) == 3
+    # the test images lie under the site's data root but outside the list's folder: without the inherited root
+    # they would be refused
+    site["test"] = {"list": "lists/test.csv", "data_root": "images/test"}
+    site["global_test"] = {"clean": {"list": "lists/test.csv", "data_root": "lists"}}
+    config.write_text(json.dumps({"sites": {"hospital-a": site}}))
+    with pytest.raises(DataError, match=r"test.csv entry 0: .*outside the site's data root .*lists"):
+        load_cls_site_data("hospital-a", None, SyntheticClsConfig(), num_classes=2, spatial_size=SIZE)

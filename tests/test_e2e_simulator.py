@@ -83,6 +83,18 @@ def test_bad_site_data_stops_the_run_naming_the_file(tmp_path):
     assert not os.path.exists(os.path.join(ws, "server", "simulate_job", "app_server", "best_FL_global_model.pt"))
 
 
+@pytest.mark.slow
+def test_fewer_sites_than_the_job_needs_stop_with_the_command_to_run(tmp_path):
+    """A job deploys to every site the simulator is given; with fewer than its federation (no ``-n`` gives two)
+    the run stops at once with a message saying which ``-n`` to use."""
+    job = prepare_job("fedavg", str(tmp_path), num_rounds=1, client_args={"synthetic": {"n_train": 8, "n_val": 4}})
+    ws = str(tmp_path / "ws")
+    run_simulator(job, ws, n_clients=2, timeout=600)
+    errors = error_lines(ws)
+    assert any("waits for 3 sites" in e and "-n 3 -t 3" in e for e in errors), errors[:10]
+    assert not os.path.exists(os.path.join(ws, "server", "simulate_job", "app_server", "FL_global_model.pt"))
+
+
 def _final_weights(ws):
     import torch
 

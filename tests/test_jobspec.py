@@ -47,10 +47,10 @@ def test_changes_keep_meta_server_and_sites_consistent(tmp_path):
     assert args["seed"] == 3 and _component(server, "persistor")["args"]["seed"] == 3
     assert args["synthetic"] == {"n_train": 8, "n_val": 64, "n_test": 200, "seed": 0}  # merged, not replaced
     assert _component(server, "aggregator")["args"] == {"q": 0.0, "beta": 0.5}
-    job = write_job(spec.with_changes(name_sites=False), str(tmp_path), code=False)
+    job = write_job(spec, str(tmp_path), code=False)
     with open(os.path.join(job, "meta.json")) as f:
         assert json.load(f)["deploy_map"] == {"app": ["@ALL"]}
-    assert folder_differences(spec.with_changes(name_sites=False), job) == []
+    assert folder_differences(spec, job) == []
     assert not os.path.exists(os.path.join(job, "app", "custom"))
 
 

@@ -40,7 +40,7 @@ def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
     n_sites = (server_args or {}).get("min_clients", n_sites)
     changes = {k: v for k, v in (("num_rounds", num_rounds), ("seed", seed), ("n_sites", n_sites)) if v is not None}
     spec = get_job(name).with_changes(executor_args=client_args, aggregator_args=aggregator_args,
-                                      name_sites=False, **changes)
+                                      **changes)
     return write_job(spec, dest)
 
 

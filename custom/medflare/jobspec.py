@@ -74,9 +74,6 @@ class JobSpec:
         n_sites: sites of the federation; every round waits for this many (``min_clients``).
         num_rounds: rounds of training.
         seed: seed of the initial global model and of the sites' shuffling and initialisation.
-        name_sites: name ``site-1`` ... ``site-<n_sites>`` in ``meta.json``'s ``deploy_map`` (a bare
-            ``nvflare simulator JOB`` then runs exactly those sites); ``False`` deploys to ``@ALL`` sites (POC and
-            provisioned systems, whose sites have other names, and runs given ``-n`` sites).
         cross_site_local_models: cross-site evaluation also scores every site's last local model (``False``:
             only the global models).
         controller_args: further arguments of the controller (e.g. ``resume_from``).
@@ -92,7 +89,6 @@ class JobSpec:
     n_sites: int
     num_rounds: int = 20
     seed: int = 0
-    name_sites: bool = True
     cross_site_local_models: bool = True
     controller_args: Mapping[str, Any] = field(default_factory=dict)
     server: Mapping[str, Any] = field(default_factory=lambda: {"task_request_interval": 0.05})
@@ -209,7 +205,9 @@ def job_files(spec: JobSpec) -> Dict[str, Dict[str, Any]]:
     client_components = {"tb_writer": TB_WRITER, "event_to_fed": EVENT_TO_FED}
     for component in (controller, cross_site, *server_components.values(), *client_components.values()):
         check_component(component)
-    deploy = ["server", *spec.sites] if spec.name_sites else [ALL_SITES]
+    # every job deploys to all sites: the simulator's -n/-c choose them (the controller refuses to start with fewer
+    # than n_sites), POC and provisioned systems bring their own site names
+    deploy = [ALL_SITES]
     return {
         "meta.json": {"name": spec.name, "resource_spec": {}, "min_clients": spec.n_sites,
                       "deploy_map": {APP: deploy}},

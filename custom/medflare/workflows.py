@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from nvflare.apis.controller_spec import Task
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -49,6 +49,20 @@ class CrossSiteEvaluation(TaskCheckPeriod, CrossSiteModelEval):
     """FLARE's ``CrossSiteModelEval`` with :class:`TaskCheckPeriod` (same arguments)."""
 
 
+def too_few_sites_message(min_clients: int, connected: Sequence[str]) -> str:
+    """Why a job cannot run with the ``connected`` sites ("" if it can): every round waits for ``min_clients``.
+
+    FLARE's job scheduler starts a POC or production job only once ``min_clients`` sites are connected, so this
+    happens in the simulator, run with fewer ``-n`` sites than the job's federation (e.g. with no ``-n``, which gives
+    two sites)."""
+    if len(connected) >= min_clients:
+        return ""
+    return (f"this job waits for {min_clients} sites every round (min_clients) but {len(connected)} are connected "
+            f"({', '.join(sorted(connected)) or 'none'}): run the simulator with -n {min_clients} -t {min_clients} "
+            f"(more sites also work), or stage a smaller federation with python deploy/stage_job.py "
+            f"jobs/<job> <out> --min-clients {max(len(connected), 1)}")
+
+
 class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
     """FedAvg-style ScatterAndGather that logs, every round, each site's Dice of the global model it received
     and the fairness summary of those numbers (mean, worst site, std, max-min gap, Jain's index).
@@ -85,6 +99,10 @@ class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
+        shortfall = too_few_sites_message(self._min_clients, [c.name for c in fl_ctx.get_engine().get_clients()])
+        if shortfall:
+            self.system_panic(shortfall, fl_ctx)
+            return
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         self._summary = RunSummary(run_dir, self.key_metric)
         try:

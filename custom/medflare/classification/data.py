@@ -11,7 +11,10 @@ one site's settings or ``{"sites": {"<site>": {...}}}``. A classification site's
   ``{"format": "isic", "csv": "labels.csv", "image_dir": "images", "val_fraction": 0.2}``,
   ``{"format": "rsna", "csv": "labels.csv", "dicom_dir": "dicom", "window": [40, 80]}``,
   optionally with ``"global_test": {"clean": <same kind of source>, "corrupted": <source>}`` and the site's own
-  held-out test images ``"test": <same kind of source>`` (reported, never used for selection).
+  held-out test images ``"test": <same kind of source>`` (reported, never used for selection). A nested source
+  takes the site's settings it does not set itself (:data:`INHERITED_KEYS`: ``format``, ``data_root``,
+  ``allow_outside_data_root``, ``classes``), so ``{"test": {"list": "test.csv"}}`` reads the site's format under
+  the site's data root.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from ..data.datalist import DataError
 from ..data.site_config import read_site_config_file, site_entry, synthetic_site_index
 from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
 from .training import ArrayDataset
+
+# settings of a site's source that its nested ``test`` and ``global_test`` sources take unless they set their own
+INHERITED_KEYS = ("format", "data_root", "allow_outside_data_root", "classes")
 
 
 @dataclass
@@ -111,6 +117,7 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
             label = "'test' source" if key == "test" else f"global_test source '{key[1]}'"
             if not isinstance(spec, dict):
                 raise DataError(f"{label}: must be a JSON object (a data source)")
+            spec = nested_source(entry, spec)
             held_out[key] = (source_lists({**spec, "val_fraction": 0.0}, base, num_classes, label)[0]["train"],
                              source_window(spec))
         if "test" in held_out:  # the site's own test split must not share a case with its train/val splits
@@ -126,6 +133,11 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
                        num_classes=num_classes, test=built.get("test"),
                        global_test={k[1]: v for k, v in built.items() if k != "test"},
                        warnings=[f"site '{site}': {w}" for w in warnings])
+
+
+def nested_source(site_entry: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A nested ``test``/``global_test`` source completed with the site's :data:`INHERITED_KEYS` it does not set."""
+    return {**{k: site_entry[k] for k in INHERITED_KEYS if k in site_entry}, **spec}
 
 
 def synthetic_config(settings: Optional[Dict[str, Any]]) -> SyntheticClsConfig:
