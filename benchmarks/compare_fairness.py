@@ -34,7 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 
-from compare import format_difference, parse_method  # noqa: E402
+from compare import finished_record, format_difference, parse_method  # noqa: E402
 from jobtools import copy_job, run_simulator  # noqa: E402
 
 from medflare.jobspec import FAIRNESS_SUITE  # noqa: E402
@@ -54,7 +54,7 @@ def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], 
     """Copy the job for one run (all copies are made before the first run, so editing the code during a sweep does
     not change it); returns None if the run already finished."""
     run_dir = run_dir_of(out, method, seed)
-    if os.path.isfile(os.path.join(run_dir, "record.json")):
+    if finished_record(method, seed, rounds, synthetic, out) is not None:
         return None
     name, overrides = parse_method(method)
     client = {k: v for k, v in overrides.items() if not k.startswith("agg.")}
@@ -69,12 +69,15 @@ def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], 
                     seed=seed, n_sites=n_clients, aggregator_args=aggregator)
 
 
-def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, out: str) -> Dict[str, Any]:
+def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], n_clients: int, threads: int,
+            out: str) -> Dict[str, Any]:
+    """Run one method and seed in the simulator, or load its record when a run with the same rounds and benchmark
+    settings finished (a record of other settings is run again and replaced)."""
+    finished = finished_record(method, seed, rounds, synthetic, out)
+    if finished is not None:
+        return finished
     run_dir = run_dir_of(out, method, seed)
     record_path = os.path.join(run_dir, "record.json")
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            return json.load(f)
     job = os.path.join(run_dir, "job", parse_method(method)[0])
     ws = os.path.join(run_dir, "ws")
     start = time.time()
@@ -85,7 +88,8 @@ def run_one(method: str, seed: int, rounds: int, n_clients: int, threads: int, o
         raise RuntimeError(f"{method} seed {seed} failed (rc {proc.returncode}); see {ws}.out")
     with open(os.path.join(ws, "server", "simulate_job", "metrics", "metrics_summary.json")) as f:
         summary = json.load(f)
-    record = {"method": method, "seed": seed, "rounds": rounds, "seconds": round(seconds, 1),
+    record = {"method": method, "seed": seed, "rounds": rounds, "rounds_budget": rounds, "synthetic": synthetic,
+              "seconds": round(seconds, 1),
               "summary_rounds": summary["rounds"], "cross_site": summary.get("cross_site"),
               "held_out": summary.get("test")}
     with open(record_path, "w") as f:
@@ -261,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.time()
     for seed in args.seeds:
         for method in args.methods:
-            record = run_one(method, seed, args.rounds, n_clients, args.threads or n_clients, args.out)
+            record = run_one(method, seed, args.rounds, synthetic, n_clients, args.threads or n_clients, args.out)
             print(f"{method} seed {seed}: {record['seconds']}s {scores(record, args.last)}", flush=True)
             records.append(record)
     command = "python benchmarks/compare_fairness.py " + " ".join(argv if argv is not None else sys.argv[1:])

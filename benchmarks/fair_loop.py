@@ -246,6 +246,8 @@ def run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], sites: S
 def benchmark_settings(args: argparse.Namespace) -> tuple:
     """The benchmark's ``synthetic`` settings and site names of the command line."""
     synthetic: Dict[str, Any] = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    if args.n_site_test:
+        synthetic["n_site_test"] = args.n_site_test
     n_sites = 4
     if args.qualities:
         synthetic["qualities"] = list(args.qualities)
@@ -264,7 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--n-train", type=int, default=128)
     ap.add_argument("--n-val", type=int, default=64)
-    ap.add_argument("--n-test", type=int, default=128)
+    ap.add_argument("--n-test", type=int, default=200, help="images of the global clean and corrupted test sets")
+    ap.add_argument("--n-site-test", type=int, default=0, help="test images per site (0: the benchmark's 128)")
     ap.add_argument("--qualities", nargs="+", help="site qualities, e.g. hq hq hq lowres (default: the job's)")
     ap.add_argument("--n-clients", type=int, default=0, help="the paper-like setting: N clients, the last k noisy")
     ap.add_argument("--n-corrupted", type=int, default=4)

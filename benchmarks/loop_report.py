@@ -6,6 +6,9 @@
     python benchmarks/loop_report.py docs/results/anatomy/tuning.jsonl --split val  # a sweep, on validation
     python benchmarks/loop_report.py --docs      # rewrite every tables.md/tuning.md and the docs that quote them
 
+(``--docs`` also rewrites the tables of the fairness records, ``benchmarks/fair_loop.py``, with
+``benchmarks/fair_report.py``.)
+
 ``--docs`` regenerates, for every ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl``
 (validation split), the file ``tables.md`` / ``tuning.md`` beside it, and the blocks of ``docs/*.md`` between
 ``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and ``<!-- end of tables -->``.
@@ -113,7 +116,8 @@ def fmt_diff(d: Dict[str, float]) -> str:
 
 
 def paired(runs: Dict[int, Dict[str, Any]], base: Dict[int, Dict[str, Any]], get) -> Optional[Dict[str, float]]:
-    seeds = sorted(set(runs) & set(base))
+    """The paired difference of ``get`` between two methods' runs over the seeds where both have a figure."""
+    seeds = [s for s in sorted(set(runs) & set(base)) if get(runs[s]) is not None and get(base[s]) is not None]
     if not seeds:
         return None
     return paired_difference([get(runs[s]) for s in seeds], [get(base[s]) for s in seeds])
@@ -171,6 +175,16 @@ def site_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
     return lines
 
 
+def report_of(records: List[Dict[str, Any]], split: str) -> str:
+    """The tables of committed records of either kind: fairness runs (``benchmarks/fair_report.py``) or
+    segmentation runs (:func:`report`)."""
+    import fair_report
+
+    if records and fair_report.is_fairness_record(records[0]):
+        return fair_report.report(records, split=split)
+    return report(records, split=split)
+
+
 def report(records: List[Dict[str, Any]], baseline: str = "fedavg", split: str = "test") -> str:
     """Markdown: per benchmark, the main table and the per-site table, of the ``split`` figures."""
     global SPLIT
@@ -218,7 +232,7 @@ def update_docs() -> List[str]:
     """Regenerate every tables file and every quoted block; returns the files written."""
     written, tables = [], {}
     for block, (records, split, path) in committed_reports().items():
-        tables[block] = report(load_records([records]), split=split)
+        tables[block] = report_of(load_records([records]), split)
         with open(path, "w") as f:
             f.write(tables[block])
         written.append(path)

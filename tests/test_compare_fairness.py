@@ -33,3 +33,21 @@ def test_aggregate_pairs_methods_with_fedavg_by_seed(tmp_path):
     assert "vs_bacc_worst" not in rows[0]
     table = compare_fairness.write_tables(rows, str(tmp_path), "cmd")
     assert "| fedism | 5 |" in table and "*" in table
+
+
+def test_a_finished_run_is_reused_only_with_the_same_rounds_and_benchmark(tmp_path):
+    import json
+
+    synthetic = {"n_train": 128, "n_val": 64, "n_test": 128, "qualities": ["hq", "hq", "hq", "lowres"]}
+    run_dir = compare_fairness.run_dir_of(str(tmp_path), "fedism", 3)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "record.json"), "w") as f:
+        json.dump({**_record("fedism", 3, {"a": 0.9}, 0.9), "rounds_budget": 20, "synthetic": synthetic}, f)
+    out = str(tmp_path)
+    assert compare_fairness.run_one("fedism", 3, 20, synthetic, 4, 4, out)["skipped"]
+    assert compare_fairness.prepare_run("fedism", 3, 20, synthetic, 4, out) is None
+    # other rounds or another benchmark: the job is written afresh to run again, not the old record reused
+    for rounds, settings in ((12, synthetic), (20, {**synthetic, "qualities": ["hq", "blur", "noisy", "lowres"]})):
+        assert compare_fairness.finished_record("fedism", 3, rounds, settings, out) is None
+        job = compare_fairness.prepare_run("fedism", 3, rounds, settings, 4, out)
+        assert job is not None and os.path.isfile(os.path.join(job, "meta.json"))

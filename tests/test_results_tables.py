@@ -1,7 +1,7 @@
 """Every table the docs show from in-process runs is what the committed records give, byte for byte.
 
 ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl`` (validation split), written by
-``benchmarks/bare_loop.py --out``, have ``tables.md`` / ``tuning.md`` beside them; the docs quote them between
+``benchmarks/bare_loop.py --out`` or ``benchmarks/fair_loop.py --out``, have ``tables.md`` / ``tuning.md`` beside them; the docs quote them between
 ``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and ``<!-- end of tables -->``.
 ``python benchmarks/loop_report.py --docs`` regenerates all of them.
 """
@@ -36,7 +36,7 @@ def test_there_are_committed_records():
 @pytest.mark.parametrize("name", sorted(REPORTS))
 def test_tables_file_and_docs_equal_what_the_records_give(name):
     records, split, tables = REPORTS[name]
-    generated = loop_report.report(loop_report.load_records([records]), split=split)
+    generated = loop_report.report_of(loop_report.load_records([records]), split)
     with open(tables) as f:
         assert f.read() == generated, f"{tables} is outdated: run python benchmarks/loop_report.py --docs"
     quotes = []
