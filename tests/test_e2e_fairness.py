@@ -13,6 +13,9 @@ import torch
 
 from flare_runs import REPO, error_lines, prepare_job, run_simulator
 
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import fair_loop  # noqa: E402
+
 from medflare.networks import build_model
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
@@ -86,6 +89,12 @@ def test_fairness_job_runs(job_name, tmp_path):
         assert len({round(w, 6) for w in weights.values()}) > 1
     if job_name == "fedce":
         assert all("fedce_minus_score" in m for m in last.values())
+    # the in-process runner of the benchmarks follows the simulator's run to the last digit
+    record = fair_loop.run(job_name, 0, ROUNDS, dict(TINY["synthetic"]), SITES)
+    for entry, flare in zip(record["history"], summary["rounds"]):
+        assert entry["test"] == {s: flare["sites"][s]["test_bacc"] for s in SITES}
+        assert entry["weight"] == pytest.approx(flare["aggregation_weights"], rel=1e-12)
+    assert {s: v["test"] for s, v in record["final"].items()} == summary["cross_site"]["matrix"]["global"]
 
 
 @pytest.mark.slow
