@@ -83,7 +83,6 @@ def _dicom(path, hu):
 
 
 def test_rsna_dicom_folder_with_ct_window(tmp_path):
-    pytest.importorskip("pydicom")
     (tmp_path / "dicom").mkdir()
     rows = ["ID,Label"]
     subtypes = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]

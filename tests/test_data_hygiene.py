@@ -283,7 +283,6 @@ def _dicom(path, series_uid, instance):
 
 
 def test_dicom_folder_with_two_series_is_an_error_naming_the_folder(tmp_path):
-    pytest.importorskip("pydicom")
     folder = tmp_path / "case1"
     folder.mkdir()
     for i in range(2):

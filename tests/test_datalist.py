@@ -173,7 +173,7 @@ def test_load_site_data_prefixes_site_name(site_dir, tmp_path):
 
 def test_dicom_with_ct_window(tmp_path):
     """A CT slice in DICOM (HU) with a NIfTI label, scaled by a CT window."""
-    pydicom = pytest.importorskip("pydicom")
+    import pydicom  # a requirement: a broken install must fail here, not skip
     from pydicom import examples
 
     ds = examples.ct

@@ -22,8 +22,8 @@ def test_there_are_jobs():
 
 @pytest.mark.parametrize("app", APPS, ids=[os.path.relpath(a, REPO) for a in APPS])
 def test_shipped_code_matches_single_source(app):
-    if not os.path.isdir(os.path.join(app, "custom")):
-        pytest.skip("no code copy yet (a clean checkout): python tools/sync_jobs.py writes it")
+    assert os.path.isdir(os.path.join(app, "custom")), \
+        f"{os.path.relpath(app, REPO)} has no code copy: run python tools/sync_jobs.py (setup.sh does)"
     diffs = differences(app)
     assert not diffs, f"{os.path.relpath(app, REPO)} would ship code that differs from custom/medflare: {diffs[:10]}"
 
