@@ -40,6 +40,8 @@ from loop_report import fmt, load_records, paired  # noqa: E402
 from medflare.jobspec import FAIRNESS_SUITE  # noqa: E402
 
 BASELINE = "fedavg_cls"
+FAIR_BASELINES = ("afl", "qfedavg", "fairfed", "fedce", "fedga")
+"""The fairness baselines FedISM's goal is measured against (besides FedAvg)."""
 CLEAN = "hq"
 Runs = Dict[int, Dict[str, Any]]
 
@@ -154,11 +156,13 @@ def goal_lines(methods: Dict[str, Runs], baseline: str, split: str, method: str 
         return []
     vs_base = paired(methods[method], methods[baseline], lambda r: figures(r, split).get("degraded"))
     clean = paired(methods[method], methods[baseline], lambda r: figures(r, split).get("clean"))
-    others = {n: mean_of(n, "degraded") for n in methods
-              if n not in (method, baseline, "local") and not n.startswith(method + ":") and ":" not in n}
+    others = {n: mean_of(n, "degraded") for n in methods if n in FAIR_BASELINES}
     others = {n: v for n, v in others.items() if v is not None}
+    met = bool(vs_base and vs_base["diff"] >= 0.05)
+    uncertain = met and vs_base["n"] > 1 and not vs_base["significant"]
     lines = [f"Goal check ({method}, {split} split): degraded sites {fmt_diff(vs_base)} vs {baseline} "
-             f"(goal ≥ +0.05): {'met' if vs_base and vs_base['diff'] >= 0.05 else 'not met'}"]
+             f"(goal ≥ +0.05): {'met' if met else 'not met'}"
+             + (" by the mean, with an interval that includes 0" if uncertain else "")]
     if others:
         best = max(others, key=others.get)
         margin = mine - others[best]
