@@ -197,8 +197,14 @@ def plot(records: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, path: str) -> str:
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
     written = []
-    for k, (setting, methods) in enumerate(group(records).items()):
+    for setting, methods in group(records).items():
         slug = setting.split(":")[0].replace(" ", "_")
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for name, runs in methods.items():
@@ -213,11 +219,7 @@ def plot(records: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
         for ax in axes:
             ax.set_xlabel("round")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{slug}_curves.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, os.path.join(out_dir, f"{slug}_curves.png")))
         if "fedism" in methods:
             run = methods["fedism"][min(methods["fedism"])]
             fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -229,11 +231,7 @@ def plot(records: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
             axes[1].set_title("reported sharpness of the received global model", fontsize=8)
             axes[1].set_yscale("log")
             axes[0].legend(fontsize=6)
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"{slug}_weights.png")
-            fig.savefig(path, dpi=90)
-            plt.close(fig)
-            written.append(path)
+            written.append(save(fig, os.path.join(out_dir, f"{slug}_weights.png")))
     return written
 
 
