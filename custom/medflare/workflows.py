@@ -50,17 +50,16 @@ class CrossSiteEvaluation(TaskCheckPeriod, CrossSiteModelEval):
 
 
 def too_few_sites_message(min_clients: int, connected: Sequence[str]) -> str:
-    """Why a job cannot run with the ``connected`` sites ("" if it can): every round waits for ``min_clients``.
+    """What to tell a user whose run has fewer sites than the job's federation ("" if it has enough).
 
-    FLARE's job scheduler starts a POC or production job only once ``min_clients`` sites are connected, so this
-    happens in the simulator, run with fewer ``-n`` sites than the job's federation (e.g. with no ``-n``, which gives
-    two sites)."""
+    Each round then ends once every connected site has answered, so the job runs as a smaller federation. FLARE's
+    job scheduler starts a POC or production job only once ``min_clients`` sites are connected, so this happens in
+    the simulator run with fewer ``-n`` sites (with no ``-n`` at all it starts two)."""
     if len(connected) >= min_clients:
         return ""
-    return (f"this job waits for {min_clients} sites every round (min_clients) but {len(connected)} are connected "
-            f"({', '.join(sorted(connected)) or 'none'}): run the simulator with -n {min_clients} -t {min_clients} "
-            f"(more sites also work), or stage a smaller federation with python deploy/stage_job.py "
-            f"jobs/<job> <out> --min-clients {max(len(connected), 1)}")
+    return (f"this job's federation is {min_clients} sites (min_clients) but {len(connected)} are connected "
+            f"({', '.join(sorted(connected)) or 'none'}): training the {len(connected)} as a smaller federation; "
+            f"for the job's own federation run the simulator with -n {min_clients} -t {min_clients}")
 
 
 class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
@@ -101,8 +100,7 @@ class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
         super().start_controller(fl_ctx)
         shortfall = too_few_sites_message(self._min_clients, [c.name for c in fl_ctx.get_engine().get_clients()])
         if shortfall:
-            self.system_panic(shortfall, fl_ctx)
-            return
+            self.log_warning(fl_ctx, shortfall)
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         self._summary = RunSummary(run_dir, self.key_metric)
         try:
