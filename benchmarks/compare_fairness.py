@@ -45,6 +45,13 @@ COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "last5_mean", "las
 BASELINE = "fedavg_cls"
 
 
+def split_overrides(overrides: Dict[str, Any]) -> tuple:
+    """A method's settings as (executor arguments, aggregator arguments): ``agg.q=5`` is the aggregator's ``q``."""
+    client = {k: v for k, v in overrides.items() if not k.startswith("agg.")}
+    aggregator = {k[4:]: v for k, v in overrides.items() if k.startswith("agg.")}
+    return client, aggregator
+
+
 def run_dir_of(out: str, method: str, seed: int) -> str:
     return os.path.join(out, "runs", method.replace(":", "__").replace(",", "_"), f"seed{seed}")
 
@@ -57,8 +64,7 @@ def prepare_run(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], 
     if finished_record(method, seed, rounds, synthetic, out) is not None:
         return None
     name, overrides = parse_method(method)
-    client = {k: v for k, v in overrides.items() if not k.startswith("agg.")}
-    aggregator = {k[4:]: v for k, v in overrides.items() if k.startswith("agg.")}
+    client, aggregator = split_overrides(overrides)
     job_root = os.path.join(run_dir, "job")
     if os.path.isdir(job_root):
         import shutil

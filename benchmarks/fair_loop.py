@@ -52,6 +52,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_lear
 from nvflare.app_common.app_constant import AppConstants  # noqa: E402
 
 from compare import parse_method  # noqa: E402
+from compare_fairness import split_overrides  # noqa: E402
 from medflare.jobspec import FAIRNESS_SUITE, get_job, job_files  # noqa: E402
 from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY, SHARPNESS  # noqa: E402
 from medflare.reports import clean_metrics  # noqa: E402
@@ -93,8 +94,7 @@ def job_spec(method: str, rounds: int, seed: int, synthetic: Dict[str, Any], n_s
     overrides = {"global_test_sites": [], "evaluate_local_model": False, **overrides}
     if name not in FAIRNESS_SUITE:
         raise ValueError(f"unknown method {method!r}: give one of {[*FAIRNESS_SUITE, LOCAL]}, with settings")
-    client = {k: v for k, v in overrides.items() if not k.startswith("agg.")}
-    aggregator = {k[4:]: v for k, v in overrides.items() if k.startswith("agg.")}
+    client, aggregator = split_overrides(overrides)
     return get_job(name).with_changes(executor_args={**client, "synthetic": {**synthetic, "seed": seed}},
                                       aggregator_args=aggregator, num_rounds=rounds, seed=seed, n_sites=n_sites)
 
