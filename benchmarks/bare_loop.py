@@ -37,6 +37,7 @@ from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
 from medflare.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
 from medflare.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model, norm_layer_keys  # noqa: E402
+from medflare.personalization import PersonalHeadTrainer, ProximalPersonalTrainer, site_private_keys  # noqa: E402
 from medflare.probe import linear_probe_accuracy, site_feature_set, site_histogram_set  # noqa: E402
 from medflare.stability import round_stability  # noqa: E402
 from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
@@ -77,6 +78,13 @@ class LoopConfig:
     alignment: str = "adversarial"
     holdout: str = ""  # a site (e.g. "site-2") that does not train: leave-one-modality-out evaluation
     probe_every: int = 1  # rounds between linear site probes of the global model (0: final model only)
+    # personalisation (docs/personalization.md): "ditto" trains a personal model per site; keep_local="head" keeps
+    # the output head (and, with model {"name": "unet_calibrated"}, FedLC's calibration modules) at the sites
+    ditto_lambda: float = 0.1
+    personal_epochs: int = 1
+    head_steps: int = 0  # FedLC: the first batches of each round train only the site-local layers
+    inconsistency_weight: float = 0.0  # FedDP: pixel loss weights 1 + beta * u
+    finetune_epochs: int = 0  # after the last round each site fine-tunes the final global model alone (reference)
 
 
 def benchmark_of(cfg: LoopConfig) -> tuple:
@@ -114,11 +122,11 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     start = time.time()
     data = {s: load_site_data(resolve_site_config(s, None, syn.modalities), spec, syn) for s in sites}
     device = torch.device("cpu")
-    if cfg.method not in ("fedavg", "fedda", "fedda_stats", "local", "pooled"):
+    if cfg.method not in ("fedavg", "fedda", "fedda_stats", "ditto", "local", "pooled"):
         raise ValueError(f"unknown method {cfg.method!r}")
-    name = "unet_domain" if cfg.method == "fedda" else "unet"
     model_args = {"spatial_dims": syn.spatial_dims, "out_channels": syn.num_classes, **cfg.model,
                   **({"n_domains": len(sites)} if cfg.method == "fedda" else {})}
+    name = model_args.pop("name", "unet_domain" if cfg.method == "fedda" else "unet")
     if cfg.method in ("local", "pooled"):
         return run_reference(cfg, syn, sites, data, name, model_args, start)
     with torch.random.fork_rng(devices=[]):
@@ -142,8 +150,19 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
             trainers[s] = DomainAdversarialTrainer(build_model(name, **model_args), device, i,
                                                    adv_weight=cfg.adv_weight, head_lr=cfg.head_lr,
                                                    **train_args)
+        elif cfg.keep_local == "head":
+            model = build_model(name, **model_args)
+            trainers[s] = PersonalHeadTrainer(model, device, private_keys=site_private_keys(model, ["head"]),
+                                              head_steps=cfg.head_steps, inconsistency_weight=cfg.inconsistency_weight,
+                                              **train_args)
         else:
             trainers[s] = SegmentationTrainer(build_model(name, **model_args), device, **train_args)
+    personal = {}  # Ditto: each site's personal model, starting as the initial global model
+    if cfg.method == "ditto":
+        for s in train_sites:
+            personal[s] = ProximalPersonalTrainer(build_model(name, **model_args), device,
+                                                  ditto_lambda=cfg.ditto_lambda, **train_args)
+            load_weights(personal[s].model, global_w, "global")
     n = {s: float(len(data[s].train)) for s in train_sites}
     local_keys = site_local_keys(global_model, cfg.keep_local)
     site_state = {s: {k: v for k, v in global_w.items() if k in local_keys} for s in sites}
@@ -162,10 +181,18 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
             test[s] = evaluate_segmentation(global_model, data[s].test, k, device)["dice"]
         return val, test
 
+    def evaluate_personal():
+        k = syn.num_classes
+        return ({s: evaluate_segmentation(personal[s].model, data[s].val, k, device)["dice"] for s in personal},
+                {s: evaluate_segmentation(personal[s].model, data[s].test, k, device)["dice"] for s in personal})
+
     for rnd in range(cfg.rounds + 1):
         t0 = time.time()
         val, test = evaluate(global_w)
         entry = {"round": rnd, "val": val, "test": test}
+        if personal:  # the sites deploy their personal models; the global model is kept beside them
+            entry.update(global_val=val, global_test=test)
+            entry["val"], entry["test"] = evaluate_personal()
         if cfg.method == "fedda":
             entry["domain_acc"] = {s: domain_accuracy(global_model, data[s].val, i, device)
                                    for i, s in enumerate(train_sites)}
@@ -192,6 +219,10 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
                 reported[i] = site_feature_statistics(tr.model, data[s].train, syn.num_classes, device)
                 tr.set_peer_statistics(relayed)
             tr.fit(data[s].train, cfg.local_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
+            if s in personal:
+                personal[s].set_lr(tr.lr)
+                personal[s].set_anchor({k: torch.as_tensor(v) for k, v in {**global_w, **site_state[s]}.items()})
+                personal[s].fit(data[s].train, cfg.personal_epochs, cfg.batch_size, seed=cfg.seed * 1000 + rnd)
             updates[s] = weights_to_numpy(tr.model)
             site_state[s] = {k: v for k, v in updates[s].items() if k in local_keys}
         relayed = reported
@@ -202,8 +233,30 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     probe = linear_probe_accuracy(*site_feature_set(global_model, {s: data[s].test for s in sites}, device),
                                   seed=cfg.seed)
     result = summarise_run(cfg, sites, rounds, probe, {"setup": setup_s, "train": train_s, "eval": eval_s})
+    if cfg.finetune_epochs:
+        result["finetune"] = finetune(cfg, syn, data, train_sites, trainers, {**global_w}, site_state)
     result["raw_probe"] = linear_probe_accuracy(*site_histogram_set({s: data[s].test for s in sites}), seed=cfg.seed)
     return result
+
+
+def finetune(cfg: LoopConfig, syn, data: Dict[str, Any], sites: List[str], trainers: Dict[str, Any],
+             global_w: Dict[str, np.ndarray], site_state: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Any]:
+    """The "FedAvg + local fine-tuning" reference: each site trains the final global model (with its local layers)
+    alone for ``cfg.finetune_epochs`` epochs with its own trainer; validation and test Dice after every epoch
+    (``{"val": {site: [epoch 1, ...]}, "test": ...}``)."""
+    out: Dict[str, Any] = {"val": {}, "test": {}}
+    k = syn.num_classes
+    device = torch.device("cpu")
+    for s in sites:
+        tr = trainers[s]
+        load_weights(tr.model, {**global_w, **site_state[s]}, "global")
+        tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, cfg.rounds - 1, cfg.rounds))
+        out["val"][s], out["test"][s] = [], []
+        for epoch in range(cfg.finetune_epochs):
+            tr.fit(data[s].train, 1, cfg.batch_size, seed=cfg.seed * 1000 + cfg.rounds + epoch)
+            out["val"][s].append(evaluate_segmentation(tr.model, data[s].val, k, device)["dice"])
+            out["test"][s].append(evaluate_segmentation(tr.model, data[s].test, k, device)["dice"])
+    return out
 
 
 def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
@@ -211,8 +264,10 @@ def site_local_keys(model: torch.nn.Module, keep_local: str) -> set:
     or only their running statistics (``"norm_stats"``, SiloBN)."""
     if keep_local == "none":
         return set()
+    if keep_local == "head":  # the output head and any calibration modules (FedLC, FedDP)
+        return site_private_keys(model, ["head"])
     if keep_local not in ("norm", "norm_stats", "first_norm"):
-        raise ValueError(f"keep_local must be none, norm, norm_stats or first_norm, got {keep_local!r}")
+        raise ValueError(f"keep_local must be none, norm, norm_stats, first_norm or head, got {keep_local!r}")
     # "first_norm": only the normalisation layer right after the input convolution (local_norm="first" of the jobs)
     return norm_layer_keys(model, statistics_only=keep_local == "norm_stats", first_only=keep_local == "first_norm")
 
@@ -322,6 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 ... swept as a product")
     ap.add_argument("--synthetic", default="{}", help="JSON settings of the benchmark (merged into the default)")
     ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--label", help="method label of the records (default: the settings); the seed is appended")
     ap.add_argument("--verbose", action="store_true", help="print every round's test Dice per site")
     ap.add_argument("--summarise", nargs="+", metavar="JSONL", help="print a table of earlier results and exit")
     args = ap.parse_args(argv)
@@ -336,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for seed in args.seeds:
             cfg = LoopConfig(rounds=args.rounds, seed=seed, synthetic=dict(synthetic), **settings)
             result = run(cfg, on_round=print_round if args.verbose else None)
-            label = ",".join(f"{k}={v}" for k, v in settings.items()) + f" s{seed}"
+            label = (args.label or ",".join(f"{k}={v}" for k, v in settings.items())) + f" s{seed}"
             print(summary_line(result, label), flush=True)
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -156,10 +156,17 @@ FEDDA_STATS = {"mode": "stats", "adv_weight": 0.1, "warmup_rounds": 2, "disc_lr"
 ALIGNMENT = "medflare.executors.AdversarialAlignmentExecutor"
 FAIR = "medflare.fair_aggregators."
 
+DITTO = "medflare.executors.DittoExecutor"
+FEDLC = {"model": {"name": "unet_calibrated"}, "local_head": True, "head_steps": 10}
+FEDDP = {"local_head": True, "inconsistency_weight": 1.0}
+
 JOBS: Dict[str, JobSpec] = {spec.name: spec for spec in (
     segmentation_job("fedavg"),
     segmentation_job("fedprox", fedprox_mu=0.01),
     segmentation_job("fedbn", model=AFFINE_NORM_UNET, local_norm=True),
+    segmentation_job("ditto", DITTO),
+    segmentation_job("fedlc", **FEDLC),
+    segmentation_job("feddp", **FEDDP),
     segmentation_job("fedda", ALIGNMENT, **FEDDA),
     segmentation_job("fedda_cyclic", ALIGNMENT, "medflare.workflows.RingRelayScatterAndGather", **FEDDA),
     segmentation_job("fedda_domain", ALIGNMENT, mode="domain", adv_weight=0.03, warmup_rounds=2,

@@ -92,6 +92,10 @@ class FeatureUNet(UNet):
             handle.remove()
         return captured["f"]
 
+    def private_module_names(self) -> List[str]:
+        """Modules a site can keep as its own head (:func:`head_keys`): the last up-sampling block."""
+        return ["model.2"]
+
     def encoder_keys(self) -> Set[str]:
         """``state_dict`` keys of the encoder path (down blocks and bottleneck)."""
         return {f"{name}.{k}" for name in self._encoder_names for k in self.get_submodule(name).state_dict()}
@@ -146,6 +150,55 @@ class DomainHeadUNet(FeatureUNet):
         return (head or self.domain_head)(self.standardise(self.pool(features)))
 
 
+class CalibratedUNet(FeatureUNet):
+    """:class:`FeatureUNet` with FedLC's two calibration modules (see :mod:`medflare.personalization`), both kept
+    at the site with the output head:
+
+    - ``feature_gate``: one value per bottleneck channel; the bottleneck features are multiplied by
+      ``2 * sigmoid(gate)`` (1 at initialisation).
+    - ``calibration``: a 3x3 convolution, PReLU and a 1x1 convolution from the image and the UNet's class
+      probabilities to a correction added to the logits (zero at initialisation).
+
+    At initialisation the network computes exactly what the plain UNet with the same seed does; its UNet entries of
+    the ``state_dict`` have the same names.
+
+    Args:
+        calibration_channels: hidden channels of the prediction calibration.
+        **kwargs: :class:`FeatureUNet` arguments.
+    """
+
+    def __init__(self, calibration_channels: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        dims = kwargs.get("spatial_dims", 2)
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        in_ch, out_ch = kwargs.get("in_channels", 1), kwargs.get("out_channels", 3)
+        self.feature_gate = nn.Parameter(torch.zeros(self.feature_channels))
+        self.calibration = nn.Sequential(conv(in_ch + out_ch, calibration_channels, 3, padding=1), nn.PReLU(),
+                                         conv(calibration_channels, out_ch, 1))
+        nn.init.zeros_(self.calibration[2].weight)
+        nn.init.zeros_(self.calibration[2].bias)
+        self._bottleneck.register_forward_hook(self._gate)
+
+    def _gate(self, _m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (out.ndim - 2)
+        return out * (2.0 * torch.sigmoid(self.feature_gate)).view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits + self.calibration(torch.cat([x, torch.softmax(logits, 1)], 1))
+
+    def private_module_names(self) -> List[str]:
+        return super().private_module_names() + ["feature_gate", "calibration"]
+
+
+def head_keys(model: nn.Module) -> Set[str]:
+    """``state_dict`` keys of a UNet's output head (the last up-sampling block, which maps the top features to the
+    classes) and of any calibration modules (:class:`CalibratedUNet`); empty for a model without them."""
+    names = model.private_module_names() if hasattr(model, "private_module_names") else []
+    state = model.state_dict()
+    return {k for k in state if any(k == n or k.startswith(n + ".") for n in names)}
+
+
 def norm_layer_keys(model: nn.Module, statistics_only: bool = False, first_only: bool = False) -> Set[str]:
     """``state_dict`` keys of the model's normalisation layers (batch, instance, group and layer norm; found by
     module type, since MONAI's names do not say ``bn``): all their entries, only their running statistics, or only
@@ -161,7 +214,8 @@ def norm_layer_keys(model: nn.Module, statistics_only: bool = False, first_only:
             if not statistics_only or key in stats}
 
 
-SEGMENTATION_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet}
+SEGMENTATION_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"unet": FeatureUNet, "unet_domain": DomainHeadUNet,
+                                                             "unet_calibrated": CalibratedUNet}
 MODEL_REGISTRY: Dict[str, Callable[..., nn.Module]] = {**SEGMENTATION_REGISTRY, **CLASSIFIER_REGISTRY}
 """Every network a job, a checkpoint or a command line names: the segmentation networks above and the classifiers
 of the fairness suite (:data:`medflare.classification.models.CLASSIFIER_REGISTRY`)."""

@@ -133,10 +133,14 @@ class SegmentationTrainer:
             raise FloatingPointError(f"non-finite training loss: { {k: float(v) for k, v in terms.items()} }")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.before_step()
         self.optimizer.step()
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] = float(total.detach())
         return out
+
+    def before_step(self) -> None:
+        """Called between back-propagation and the optimiser step (e.g. to hold some layers still)."""
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of the following steps (and of any optimiser created later)."""

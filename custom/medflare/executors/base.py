@@ -132,6 +132,16 @@ class SiteExecutor(Executor):
     def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
         """Called just before local training (learning rate, alignment targets...)."""
 
+    def after_training(self, round_num: int, fl_ctx: FLContext) -> Dict[str, Any]:
+        """Called after local training, before the client state is saved (e.g. to train Ditto's personal model);
+        returns documented scalars added to the round's report."""
+        return {}
+
+    def deployed_weights(self) -> Optional[Dict[str, np.ndarray]]:
+        """The model this site deploys and submits to cross-site evaluation: its last local model (which carries
+        any site-local layers); personalised methods with a separate personal model return that."""
+        return self.local_weights
+
     def local_metrics(self) -> Dict[str, float]:
         """Metrics of the freshly trained local model (must include ``key_metric``; called only when
         ``evaluate_local_model``)."""
@@ -217,10 +227,11 @@ class SiteExecutor(Executor):
             self._tb_scalar(f"local_{self.key_metric}", local[self.key_metric], rnd)
         self.local_weights = weights_to_numpy(self.model)
         self.local_round = rnd
+        personal = self.after_training(rnd, fl_ctx)
         self._save_state()
         self.log_info(fl_ctx, f"round {rnd}: trained {result.steps} steps in {seconds:.1f}s"
                       + (f", local model {self.key_metric} {local[self.key_metric]:.4f}" if local else ""))
-        report = self.trained_report(report, local, result.losses, seconds)
+        report = {**self.trained_report(report, local, result.losses, seconds), **personal}
         return self._train_result(len(self.data.train), global_metrics, report, received=global_weights)
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -235,16 +246,16 @@ class SiteExecutor(Executor):
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        """Cross-site evaluation: send this site's last local model (if the site's policy shares it)."""
+        """Cross-site evaluation: send the model this site deploys (:meth:`deployed_weights`), if its policy shares it."""
         if not self.policy.share_local_model:
             self.log_info(fl_ctx, f"not sending the local model for cross-site evaluation: the site policy "
                                   f"({self.policy.source}) does not share it")
             return make_reply(ReturnCode.EMPTY_RESULT)
-        if self.local_weights is None:
+        deployed = self.deployed_weights()
+        if deployed is None:
             self.log_warning(fl_ctx, "no local model to submit: this site has not trained yet")
             return make_reply(ReturnCode.EMPTY_RESULT)
-        return DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in self.local_weights.items()}
-                   ).to_shareable()
+        return DXO(DataKind.WEIGHTS, data={k: np.array(v, copy=True) for k, v in deployed.items()}).to_shareable()
 
     def result_kind(self) -> str:
         """``WEIGHT_DIFF`` if the job or the site's policy asks for weight differences, else ``WEIGHTS``."""

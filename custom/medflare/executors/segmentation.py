@@ -30,7 +30,7 @@ from nvflare.apis.fl_context import FLContext
 from ..data import ImageSpec, SiteData, SyntheticSegConfig, load_site_data, resolve_site_config
 from ..data.placement import place_on_device
 from ..metrics import evaluate_segmentation
-from ..networks import norm_layer_keys
+from ..personalization import PersonalHeadTrainer, site_private_keys
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
 from .base import SiteExecutor
 
@@ -99,6 +99,11 @@ class SegmentationExecutor(SiteExecutor):
             model with the site's own normalisation layers. ``"first"``: only the first one (the layer right after
             the input convolution: a per-site input adapter of 2 x channels numbers). Needs a norm with parameters
             (``model: {"norm": ["instance", {"affine": true}]}`` or ``"batch"``).
+        local_head: keep the output head, and any calibration modules of the network, at the site (FedLC, FedDP;
+            see :mod:`medflare.personalization`): never sent, restored into every received global model.
+        head_steps: the first ``head_steps`` batches of each round train only the site-local layers (FedLC: 10).
+        inconsistency_weight: FedDP's ``beta``: each pixel's loss is weighted by ``1 + beta * u``, ``u`` the
+            disagreement between the site's prediction and that of the model it received (0: plain DiceCE).
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
@@ -109,7 +114,8 @@ class SegmentationExecutor(SiteExecutor):
                  lr_schedule: str = "constant", local_epochs: int = 1, batch_size: int = 16, fedprox_mu: float = 0.0,
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
-                 evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: Any = False) -> None:
+                 evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: Any = False,
+                 local_head: bool = False, head_steps: int = 0, inconsistency_weight: float = 0.0) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.mixed_precision = mixed_precision
         self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
@@ -134,25 +140,32 @@ class SegmentationExecutor(SiteExecutor):
         if local_norm not in (False, True, "first"):
             raise ValueError(f"local_norm must be true, false or \"first\", got {local_norm!r}")
         self.local_norm = local_norm
+        self.local_head = bool(local_head)
+        if (head_steps or inconsistency_weight) and not self.local_head:
+            raise ValueError("head_steps and inconsistency_weight train a site-local head: set local_head: true")
+        self.head_steps, self.inconsistency_weight = int(head_steps), float(inconsistency_weight)
 
     @property
     def rounds_done(self) -> int:
         """Rounds this site has trained in (its local model is of round ``rounds_done - 1``)."""
         return self.local_round + 1
 
+    def local_parts(self) -> list:
+        """The parts of the network this site keeps (see :data:`medflare.personalization.PRIVATE_PARTS`)."""
+        norm = {True: ["norm"], "first": ["first_norm"], False: []}[self.local_norm]
+        return norm + (["head"] if self.local_head else [])
+
     def site_local_keys(self) -> set:
-        """The normalisation layers' entries when ``local_norm`` (FedBN; only the first layer's for ``"first"``)."""
-        if not self.local_norm:
-            return set()
-        keys = norm_layer_keys(self.model, first_only=self.local_norm == "first")
-        if not keys:
-            raise ValueError("local_norm needs normalisation layers with parameters or statistics; the model has "
-                             "none (use model: {\"norm\": [\"instance\", {\"affine\": true}]} or \"batch\")")
-        return keys
+        """The entries of :meth:`local_parts`: normalisation layers (FedBN), the head (FedLC, FedDP)."""
+        return site_private_keys(self.model, self.local_parts())
 
     # ------------------------------------------------------------------ extension points
     def create_trainer(self, model: torch.nn.Module, device: torch.device) -> SegmentationTrainer:
         """The local trainer; algorithms that change the local objective return a subclass here."""
+        if self.local_head:
+            return PersonalHeadTrainer(model, device, private_keys=site_private_keys(model, self.local_parts()),
+                                       head_steps=self.head_steps, inconsistency_weight=self.inconsistency_weight,
+                                       **self.trainer_args())
         return SegmentationTrainer(model, device, **self.trainer_args())
 
     def trainer_args(self) -> Dict[str, Any]:
@@ -212,10 +225,10 @@ class SegmentationExecutor(SiteExecutor):
         on_test = self.data.test is not None
         return {**self.evaluate("test" if on_test else "val"), "on_test_split": float(on_test)}
 
-    def evaluate(self, split: str = "val") -> Dict[str, float]:
-        """Metrics of the current model on this site's ``"val"`` or ``"test"`` split."""
+    def evaluate(self, split: str = "val", model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
+        """Metrics of ``model`` (default: the current model) on this site's ``"val"`` or ``"test"`` split."""
         dataset = {"val": self.data.val, "test": self.data.test}[split]
-        return evaluate_segmentation(self.model, dataset, self.spec.num_classes, self.device,
+        return evaluate_segmentation(model or self.model, dataset, self.spec.num_classes, self.device,
                                      batch_size=self.batch_size, class_names=self.class_names,
                                      roi_size=self.eval_roi_size)
 
