@@ -7,7 +7,7 @@
     python benchmarks/loop_report.py --docs      # rewrite every tables.md/tuning.md and the docs that quote them
 
 (``--docs`` also rewrites the tables of the fairness records, ``benchmarks/fair_loop.py``, with
-``benchmarks/fair_report.py``.)
+``benchmarks/fair_report.py``, and those of the personalisation comparison with ``benchmarks/personal_report.py``.)
 
 ``--docs`` regenerates, for every ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl``
 (validation split), the file ``tables.md`` / ``tuning.md`` beside it, and the blocks of ``docs/*.md`` between
@@ -176,12 +176,15 @@ def site_table(methods: Dict[str, Dict[int, Dict[str, Any]]], baseline: str) -> 
 
 
 def report_of(records: List[Dict[str, Any]], split: str) -> str:
-    """The tables of committed records of either kind: fairness runs (``benchmarks/fair_report.py``) or
-    segmentation runs (:func:`report`)."""
+    """The tables of committed records of any kind: fairness runs (``benchmarks/fair_report.py``), the
+    personalisation comparison (``benchmarks/personal_report.py``) or other segmentation runs (:func:`report`)."""
     import fair_report
+    import personal_report
 
     if records and fair_report.is_fairness_record(records[0]):
         return fair_report.report(records, split=split)
+    if any(personal_report.is_personal_record(r) for r in records):
+        return personal_report.report(records, split=split)
     return report(records, split=split)
 
 

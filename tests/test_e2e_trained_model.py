@@ -79,3 +79,40 @@ def test_trained_model_is_described_reused_and_exported(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
     assert "model `site-2`" in open(os.path.join(out, "docs", "README.md")).read()
+
+
+@pytest.mark.slow
+def test_personal_models_are_deployed_named_and_reused(tmp_path):
+    """Ditto in the simulator: each site's personal model is the site's model of cross-site evaluation and of
+    ``--model site-1``; it equals the personal model the site keeps, and inference with it reproduces the site's
+    in-site Dice; the run summary names it as the model the site deploys."""
+    job = prepare_job("ditto", str(tmp_path), num_rounds=2, client_args={"synthetic": SYNTHETIC})
+    ws = str(tmp_path / "ws")
+    proc = run_simulator(job, ws, n_clients=3)
+    assert proc.returncode == 0, open(ws + ".out").read()[-3000:]
+    assert not error_lines(ws), error_lines(ws)[:10]
+    run_dir = os.path.join(ws, "server", "simulate_job")
+
+    personal = load_trained_model(ws, "site-1")
+    state = torch.load(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "medflare_client_state.pt"),
+                       weights_only=True)
+    kept = state["extra"]["personal_weights"]
+    for k, v in personal.state_dict().items():
+        assert torch.equal(v, kept[k].to(v.dtype)), k
+    global_model = load_trained_model(ws, "global")
+    assert any(not torch.equal(v, global_model.state_dict()[k]) for k, v in personal.state_dict().items())
+
+    with open(os.path.join(run_dir, "metrics", "metrics_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["deployed"] == {s: "personal" for s in SITES}
+    deployed = summary["test"]["deployed"]["sites"]
+    assert {s: v["model"] for s, v in deployed.items()} == {s: s for s in SITES}
+    in_site = summary["cross_site"]["matrix"]["site-1"]["site-1"]
+    assert deployed["site-1"]["dice"] == in_site
+
+    from medflare.jobspec import SEGMENTATION_BENCHMARK
+
+    datalist = ensure_site_dataset(SyntheticSegConfig(**{**SEGMENTATION_BENCHMARK, **SYNTHETIC}), 0).datalist
+    segmenter = Segmenter(personal, torch.device("cpu"))
+    segment_cases(segmenter, segmentation_cases(datalist, key="test"), str(tmp_path / "personal_labelled"))
+    assert segmenter.summary()["dice"]["dice"] == pytest.approx(in_site, abs=1e-6)

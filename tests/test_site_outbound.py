@@ -12,7 +12,8 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
-from medflare.executors import AdversarialAlignmentExecutor, ClassificationExecutor, SegmentationExecutor
+from medflare.executors import (AdversarialAlignmentExecutor, ClassificationExecutor, DittoExecutor,
+                                SegmentationExecutor)
 from medflare.keys import (AGGREGATION_WEIGHTS_KEY, AGGREGATOR_STATE_KEY, PEER_SITE_KEY, SITE_REPORT_KEY,
                            SITE_WEIGHT_KEY)
 from medflare.networks import FeatureUNet, build_model
@@ -26,7 +27,7 @@ DOMAIN_MODEL = {"name": "unet_domain", "n_domains": 3}
 OUT_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, SITE_REPORT_KEY}
 DICE = {"dice", "dice_organ", "dice_lesion"}
 SEG_REPORT = {"modality", "n_train", "n_val", "n_test", "test_dice", "test_dice_organ", "test_dice_lesion",
-              "dice_local", "train_seconds", "train_loss", "train_seg"}
+              "dice_local", "train_seconds", "train_loss", "train_seg", "deployed_model", "site_local_layers"}
 CLS_METRICS = {"acc", "bacc", "auc", "loss"}
 CLS_REPORT = {"quality", "n_train", "n_val", "n_test", "test_bacc", "test_auc", "bacc_local", "train_seconds",
               "probe_seconds", "train_loss", "loss_global", "bacc_global_train", "rho"}
@@ -76,11 +77,13 @@ def _check_outbound(result, model_keys, metrics, report, kind=DataKind.WEIGHTS):
     return dxo
 
 
-@pytest.mark.parametrize("case", ["segmentation", "fedda-joint", "fedda-cyclic", "fedda-domain"])
+@pytest.mark.parametrize("case", ["segmentation", "fedda-joint", "fedda-cyclic", "fedda-domain", "ditto"])
 def test_segmentation_executors_send_exactly_these_keys(case, tmp_path):
     model = DOMAIN_MODEL if case == "fedda-domain" else {"name": "unet"}
     if case == "segmentation":
         ex = _executor(SegmentationExecutor, tmp_path, **SEG)
+    elif case == "ditto":
+        ex = _executor(DittoExecutor, tmp_path, **SEG)
     else:
         mode = "domain" if case == "fedda-domain" else "target"
         ex = _executor(AdversarialAlignmentExecutor, tmp_path, mode=mode, warmup_rounds=0,
@@ -100,6 +103,8 @@ def test_segmentation_executors_send_exactly_these_keys(case, tmp_path):
         report |= {"train_adv", "train_disc", "train_disc_acc"}
     if case == "fedda-domain":
         report |= {"domain_acc", "train_adv", "train_head", "train_head_acc"}
+    if case == "ditto":
+        report |= {"personal_dice", "test_personal_dice"}
     _check_outbound(result, set(weights), DICE, report)
     if case == "segmentation":  # a result filter editing the payload in place leaves the site's own model whole
         from nvflare.app_common.filters.exclude_vars import ExcludeVars

@@ -85,6 +85,9 @@ class RunSummary:
         unscored = sorted(s for s, m in sites.items() if self.key_metric in m and scores[s] is None)
         if unscored:
             entry["unscored_sites"] = unscored
+        deployed = {s: m["deployed_model"] for s, m in sites.items() if isinstance(m.get("deployed_model"), str)}
+        if deployed:
+            self.data.setdefault("deployed", {}).update(deployed)
         self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != round_num] + [entry]
         self.data["rounds"].sort(key=lambda r: r["round"])
         self.save()
@@ -126,7 +129,7 @@ class RunSummary:
 
     def save(self) -> None:
         self.data["test"] = held_out_summary(self.data.get("rounds") or [], self.data.get("cross_site"),
-                                             self.key_metric)
+                                             self.key_metric, deployed=self.data.get("deployed"))
         text = json.dumps(self.data, indent=1, sort_keys=True)
         atomic_write(os.path.join(self.dir, SUMMARY_FILE), lambda f: f.write(text), text=True)
         round_rows, fair_rows = [], []
@@ -152,8 +155,10 @@ def format_matrix(matrix: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mapping[str, Any]],
-                 key_metric: str = "dice", window: int = 5) -> Dict[str, Any]:
-    """The figures to report, all on test data: ``{split, rounds, global, best_global, matrix, last5, stability}``.
+                     key_metric: str = "dice", window: int = 5,
+                     deployed: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """The figures to report, all on test data: ``{split, rounds, global, best_global, matrix, last5, stability,
+    deployed}``.
 
     Args:
         rounds: per-round entries of the summary; a site's ``test_<key_metric>`` is the test score of the global
@@ -162,6 +167,10 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
         key_metric: the metric reported (``"dice"``).
         window: how many final global models ``last5`` averages (the final model and the ones received in the
             last ``window - 1`` rounds).
+        deployed: which model each site deploys, as the sites report it (``deployed_model``): ``"global"`` (the
+            final global model, used with the site's own layers where the job keeps any) or ``"personal"`` (the
+            site's own model, its row of the cross-site matrix). ``deployed`` in the result gives each site's
+            model and its score on the site's own test split, from the cross-site matrix.
 
     A site without a test split contributes its validation score instead; ``split`` then names those sites, so a
     reader knows that the figures are biased by model selection there.
@@ -190,6 +199,13 @@ def held_out_summary(rounds: List[Mapping[str, Any]], cross_site: Optional[Mappi
         for name in ("global", "best_global"):
             if matrix.get(name):
                 out[name] = mean_and_worst(matrix[name])
+        in_site = {}
+        for site, kind in sorted((deployed or {}).items()):
+            model = site if kind == "personal" else "global"
+            if site in matrix.get(model, {}):
+                in_site[site] = {"model": model, key_metric: matrix[model][site]}
+        if in_site:
+            out["deployed"] = {"sites": in_site, **mean_and_worst({s: v[key_metric] for s, v in in_site.items()})}
         if matrix.get("global"):
             final_round = (curve[-1]["round"] + 1) if curve else 0
             curve.append({"round": final_round, "model": "final", "sites": dict(matrix["global"]),

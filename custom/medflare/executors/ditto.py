@@ -7,7 +7,7 @@ leaves the site except as the site's model in cross-site evaluation, where the s
 (``share_local_model``); it is the model the site deploys, and it is kept in the client state file.
 
 What leaves the site besides :class:`SegmentationExecutor`'s weights and scalars: ``personal_dice`` and
-``personal_test_dice``, the personal model's validation and test Dice after the round.
+``test_personal_dice``, the personal model's validation and test Dice after the round.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class DittoExecutor(SegmentationExecutor):
         **kwargs: :class:`SegmentationExecutor` arguments (the personal model uses the same network, optimiser
             and learning rate).
     """
+
+    deployed_model = "personal"
 
     def __init__(self, ditto_lambda: float = DITTO_LAMBDA, personal_epochs: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -71,7 +73,7 @@ class DittoExecutor(SegmentationExecutor):
         self.personal_weights = weights_to_numpy(self.personal.model)
         report = {"personal_dice": self.evaluate("val", self.personal.model)["dice"]}
         if self.data.test is not None:
-            report["personal_test_dice"] = self.evaluate("test", self.personal.model)["dice"]
+            report["test_personal_dice"] = self.evaluate("test", self.personal.model)["dice"]
         self.log_info(fl_ctx, f"round {round_num}: personal model dice {report['personal_dice']:.4f} (validation)")
         return report
 

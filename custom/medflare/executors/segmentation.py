@@ -37,7 +37,8 @@ from .base import SiteExecutor
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
 REPORTED_SCALARS = ("modality", "n_train", "n_val", "n_test", "test_dice", "test_dice_<class>", "dice_local",
-                    "train_seconds", "train_<term>", "domain_acc (FedDA domain mode)")
+                    "train_seconds", "train_<term>", "domain_acc (FedDA domain mode)", "deployed_model",
+                    "site_local_layers", "personal_dice, test_personal_dice (Ditto)")
 
 
 def resolve_classes(synthetic: SyntheticSegConfig, num_classes: Optional[int],
@@ -144,6 +145,10 @@ class SegmentationExecutor(SiteExecutor):
         if (head_steps or inconsistency_weight) and not self.local_head:
             raise ValueError("head_steps and inconsistency_weight train a site-local head: set local_head: true")
         self.head_steps, self.inconsistency_weight = int(head_steps), float(inconsistency_weight)
+
+    deployed_model = "global"
+    """Which model the site deploys (reported, and named in the run summary): ``"global"``, the final global model
+    used with the site's own layers of :meth:`local_parts`; ``"personal"`` for a separate personal model."""
 
     @property
     def rounds_done(self) -> int:
@@ -261,6 +266,7 @@ class SegmentationExecutor(SiteExecutor):
     def trained_report(self, report: Dict[str, Any], local_metrics: Dict[str, float], losses: Dict[str, float],
                        seconds: float) -> Dict[str, Any]:
         return {"modality": self.data.modality or "", "n_train": len(self.data.train), "n_val": len(self.data.val),
+                "deployed_model": self.deployed_model, "site_local_layers": "+".join(self.local_parts()),
                 **report, **({"dice_local": local_metrics["dice"]} if local_metrics else {}),
                 "train_seconds": round(seconds, 2),
                 **{f"train_{k}": v for k, v in losses.items()}}
