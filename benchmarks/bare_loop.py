@@ -84,7 +84,7 @@ class LoopConfig:
     personal_epochs: int = 1
     head_steps: int = 0  # FedLC: the first batches of each round train only the site-local layers
     inconsistency_weight: float = 0.0  # FedDP: pixel loss weights 1 + beta * u
-    finetune_epochs: int = 0  # after the last round each site fine-tunes the final global model alone (reference)
+    finetune_epochs: int = 0  # in the last round each site fine-tunes the received global model alone
 
 
 def benchmark_of(cfg: LoopConfig) -> tuple:
@@ -209,6 +209,8 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
         t0 = time.time()
         updates = {}
         reported: Dict[int, Any] = {}
+        if rnd == cfg.rounds - 1:  # fine-tuning starts from the model the sites receive in the last round
+            finetune_start = {s: {**global_w, **site_state[s]} for s in train_sites}
         for i, s in enumerate(train_sites):
             tr = trainers[s]
             load_weights(tr.model, {**global_w, **site_state[s]}, "global")
@@ -234,22 +236,23 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
                                   seed=cfg.seed)
     result = summarise_run(cfg, sites, rounds, probe, {"setup": setup_s, "train": train_s, "eval": eval_s})
     if cfg.finetune_epochs:
-        result["finetune"] = finetune(cfg, syn, data, train_sites, trainers, {**global_w}, site_state)
+        result["finetune"] = finetune(cfg, syn, data, trainers, finetune_start)
     result["raw_probe"] = linear_probe_accuracy(*site_histogram_set({s: data[s].test for s in sites}), seed=cfg.seed)
     return result
 
 
-def finetune(cfg: LoopConfig, syn, data: Dict[str, Any], sites: List[str], trainers: Dict[str, Any],
-             global_w: Dict[str, np.ndarray], site_state: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Any]:
-    """The "FedAvg + local fine-tuning" reference: each site trains the final global model (with its local layers)
-    alone for ``cfg.finetune_epochs`` epochs with its own trainer; validation and test Dice after every epoch
+def finetune(cfg: LoopConfig, syn, data: Dict[str, Any], trainers: Dict[str, Any],
+             start: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Any]:
+    """Local fine-tuning for deployment (the executors' ``finetune_epochs``): each site trains the global model it
+    received in the last round (with its own layers), ``start[site]``, alone for ``cfg.finetune_epochs`` epochs with
+    its own trainer, seeded as the executor does; validation and test Dice after every epoch
     (``{"val": {site: [epoch 1, ...]}, "test": ...}``)."""
     out: Dict[str, Any] = {"val": {}, "test": {}}
     k = syn.num_classes
     device = torch.device("cpu")
-    for s in sites:
+    for s, weights in start.items():
         tr = trainers[s]
-        load_weights(tr.model, {**global_w, **site_state[s]}, "global")
+        load_weights(tr.model, weights, "global")
         tr.set_lr(round_lr(cfg.lr, cfg.lr_schedule, cfg.rounds - 1, cfg.rounds))
         out["val"][s], out["test"][s] = [], []
         for epoch in range(cfg.finetune_epochs):

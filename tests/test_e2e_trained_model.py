@@ -96,7 +96,7 @@ def test_personal_models_are_deployed_named_and_reused(tmp_path):
     personal = load_trained_model(ws, "site-1")
     state = torch.load(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "medflare_client_state.pt"),
                        weights_only=True)
-    kept = state["extra"]["personal_weights"]
+    kept = state["personal_weights"]
     for k, v in personal.state_dict().items():
         assert torch.equal(v, kept[k].to(v.dtype)), k
     global_model = load_trained_model(ws, "global")

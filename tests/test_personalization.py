@@ -168,13 +168,14 @@ def _initial_weights(ex):
 
 
 @pytest.mark.parametrize("job, kept", [("fedavg", lambda m: set()), ("fedbn", norm_layer_keys),
-                                        ("fedlc", head_keys), ("feddp", head_keys), ("ditto", lambda m: set())])
+                                        ("fedbn_ft", norm_layer_keys), ("fedlc", head_keys), ("feddp", head_keys),
+                                        ("ditto", norm_layer_keys)])
 def test_exactly_the_shared_keys_leave_the_site(job, kept, tmp_path):
     ex = _job_executor(job, tmp_path)
     weights = _initial_weights(ex)
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
     kept_keys = kept(ex.model)
-    assert (job == "fedavg" or job == "ditto") == (not kept_keys)
+    assert (job == "fedavg") == (not kept_keys)
     sent = from_shareable(result).data
     assert set(sent) == set(weights) - kept_keys
     other = {k: v + 0.5 for k, v in weights.items()}
@@ -185,16 +186,17 @@ def test_exactly_the_shared_keys_leave_the_site(job, kept, tmp_path):
         assert not any(np.array_equal(ex.personal_weights[k], sent[k]) for k in sent if sent[k].size > 4)
 
 
-def test_ditto_sends_what_fedavg_sends_and_deploys_its_personal_model(tmp_path):
-    fedavg = _job_executor("fedavg", tmp_path / "fedavg")
+def test_ditto_sends_what_fedbn_sends_and_deploys_its_personal_model(tmp_path):
+    fedavg = _job_executor("fedbn", tmp_path / "fedbn")  # the ditto job's global part is FedBN
     ditto = _job_executor("ditto", tmp_path / "ditto")
     weights = _initial_weights(fedavg)
     for rnd in range(2):
         a = from_shareable(fedavg.execute(AppConstants.TASK_TRAIN, _train_task(weights, rnd), FLContext(), Signal()))
         b = from_shareable(ditto.execute(AppConstants.TASK_TRAIN, _train_task(weights, rnd), FLContext(), Signal()))
-        for k in a.data:  # the global part of Ditto is FedAvg, bit for bit
+        assert set(a.data) == set(b.data)
+        for k in a.data:  # the global part of Ditto is FedBN, bit for bit
             np.testing.assert_array_equal(a.data[k], b.data[k])
-        weights = {k: 0.5 * (v + a.data[k]) for k, v in weights.items()}
+        weights = {k: 0.5 * (v + a.data[k]) if k in a.data else v for k, v in weights.items()}
     report = b.get_meta_prop(SITE_REPORT_KEY)
     assert 0.0 <= report["personal_dice"] <= 1.0 and 0.0 <= report["test_personal_dice"] <= 1.0
     submitted = from_shareable(ditto.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())).data
@@ -212,3 +214,28 @@ def test_local_head_options_are_checked():
         SegmentationExecutor(head_steps=5)
     with pytest.raises(ValueError, match="ditto_lambda"):
         DittoExecutor(ditto_lambda=-0.1)
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        SegmentationExecutor(finetune_epochs=-1)
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        DittoExecutor(finetune_epochs=3)
+
+
+def test_finetuning_makes_the_personal_model_in_the_last_round_only(tmp_path):
+    ex = _job_executor("fedbn_ft", tmp_path)
+    ex.finetune_epochs = 2
+    weights = _initial_weights(ex)
+    first = from_shareable(ex.execute(AppConstants.TASK_TRAIN, _train_task(weights, 0), FLContext(), Signal()))
+    assert ex.personal_weights is None and "personal_dice" not in first.get_meta_prop(SITE_REPORT_KEY)
+    assert ex.deployed_model == "personal" and ex.deployed_weights() is None  # nothing to deploy yet
+    shared = {**weights, **first.data}
+    last = from_shareable(ex.execute(AppConstants.TASK_TRAIN, _train_task(shared, 1), FLContext(), Signal()))
+    report = last.get_meta_prop(SITE_REPORT_KEY)
+    assert report["deployed_model"] == "personal" and report["site_local_layers"] == "norm"
+    assert 0.0 <= report["personal_dice"] <= 1.0
+    # the personal model is the received model trained on: neither the update sent nor the model received
+    assert any(not np.array_equal(ex.personal_weights[k], ex.local_weights[k]) for k in ex.local_weights)
+    assert any(not np.array_equal(ex.personal_weights[k], shared[k]) for k in shared)
+    restarted = _job_executor("fedbn_ft", tmp_path)  # as if FLARE restarted the worker
+    submitted = from_shareable(restarted.execute(AppConstants.TASK_SUBMIT_MODEL, None, FLContext(), Signal())).data
+    for k, v in ex.personal_weights.items():
+        np.testing.assert_array_equal(submitted[k], v)

@@ -157,6 +157,9 @@ ALIGNMENT = "medflare.executors.AdversarialAlignmentExecutor"
 FAIR = "medflare.fair_aggregators."
 
 DITTO = "medflare.executors.DittoExecutor"
+FINETUNE_EPOCHS = 20
+"""Local fine-tuning epochs of ``fedbn_ft`` at the end of the job: as many as the job's rounds, so that a site
+spends on its personal model what Ditto spends (one epoch a round); docs/personalization.md."""
 FEDLC = {"model": {"name": "unet_calibrated"}, "local_head": True, "head_steps": 10}
 FEDDP = {"local_head": True, "inconsistency_weight": 1.0}
 
@@ -164,7 +167,8 @@ JOBS: Dict[str, JobSpec] = {spec.name: spec for spec in (
     segmentation_job("fedavg"),
     segmentation_job("fedprox", fedprox_mu=0.01),
     segmentation_job("fedbn", model=AFFINE_NORM_UNET, local_norm=True),
-    segmentation_job("ditto", DITTO),
+    segmentation_job("fedbn_ft", model=AFFINE_NORM_UNET, local_norm=True, finetune_epochs=FINETUNE_EPOCHS),
+    segmentation_job("ditto", DITTO, model=AFFINE_NORM_UNET, local_norm=True),
     segmentation_job("fedlc", **FEDLC),
     segmentation_job("feddp", **FEDDP),
     segmentation_job("fedda", ALIGNMENT, **FEDDA),

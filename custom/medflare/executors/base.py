@@ -138,8 +138,8 @@ class SiteExecutor(Executor):
         return {}
 
     def deployed_weights(self) -> Optional[Dict[str, np.ndarray]]:
-        """The model this site deploys and submits to cross-site evaluation: its last local model (which carries
-        any site-local layers); personalised methods with a separate personal model return that."""
+        """The model this site submits to cross-site evaluation: its last local model (which carries any
+        site-local layers); personalised methods with a separate personal model return that."""
         return self.local_weights
 
     def local_metrics(self) -> Dict[str, float]:

@@ -2,8 +2,9 @@
 
 Each ``train`` task the site trains the received global model ``w`` as :class:`SegmentationExecutor` does and sends
 it; then it trains its personal model ``v`` for ``personal_epochs`` epochs on its own data with
-``ditto_lambda/2 * ||v - w||^2`` (:class:`medflare.personalization.ProximalPersonalTrainer`). The personal model never
-leaves the site except as the site's model in cross-site evaluation, where the site's policy allows it
+``ditto_lambda/2 * ||v - w||^2`` (:class:`medflare.personalization.ProximalPersonalTrainer`). With ``local_norm``
+(the ``ditto`` job) ``w`` is the global model with the site's own normalisation layers (FedBN's model). The personal
+model never leaves the site except as the site's model in cross-site evaluation, where the site's policy allows it
 (``share_local_model``); it is the model the site deploys, and it is kept in the client state file.
 
 What leaves the site besides :class:`SegmentationExecutor`'s weights and scalars: ``personal_dice`` and
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
@@ -39,17 +39,19 @@ class DittoExecutor(SegmentationExecutor):
             and learning rate).
     """
 
-    deployed_model = "personal"
-
     def __init__(self, ditto_lambda: float = DITTO_LAMBDA, personal_epochs: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if ditto_lambda < 0 or personal_epochs < 1:
             raise ValueError(f"ditto_lambda must be >= 0 and personal_epochs >= 1, got {ditto_lambda}, "
                              f"{personal_epochs}")
+        if self.finetune_epochs:
+            raise ValueError("Ditto trains its personal model every round; finetune_epochs does not apply")
         self.ditto_lambda, self.personal_epochs = float(ditto_lambda), int(personal_epochs)
         self.personal: Optional[ProximalPersonalTrainer] = None
-        self.personal_weights: Optional[Dict[str, np.ndarray]] = None
-        self._round_global: Optional[Dict[str, np.ndarray]] = None
+
+    @property
+    def keeps_personal_model(self) -> bool:
+        return True
 
     def create_trainer(self, model: torch.nn.Module, device: torch.device):
         with torch.random.fork_rng(devices=[]):  # the global model's training sees the same random numbers as FedAvg
@@ -60,7 +62,6 @@ class DittoExecutor(SegmentationExecutor):
 
     def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
         super().before_training(dxo, round_num, num_rounds, fl_ctx)
-        self._round_global = weights_to_numpy(self.model)
         self.personal.set_lr(self.trainer.lr)
 
     def after_training(self, round_num: int, fl_ctx: FLContext) -> Dict[str, Any]:
@@ -71,20 +72,6 @@ class DittoExecutor(SegmentationExecutor):
         self.personal.set_anchor({k: torch.as_tensor(v) for k, v in self._round_global.items()})
         self.personal.fit(self.data.train, self.personal_epochs, self.batch_size, seed=self.seed * 1000 + round_num)
         self.personal_weights = weights_to_numpy(self.personal.model)
-        report = {"personal_dice": self.evaluate("val", self.personal.model)["dice"]}
-        if self.data.test is not None:
-            report["test_personal_dice"] = self.evaluate("test", self.personal.model)["dice"]
+        report = self.personal_report(self.personal.model)
         self.log_info(fl_ctx, f"round {round_num}: personal model dice {report['personal_dice']:.4f} (validation)")
         return report
-
-    def deployed_weights(self) -> Optional[Dict[str, np.ndarray]]:
-        return self.personal_weights
-
-    def extra_state(self) -> Dict[str, Any]:
-        if self.personal_weights is None:
-            return {}
-        return {"personal_weights": {k: torch.as_tensor(v) for k, v in self.personal_weights.items()}}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        if "personal_weights" in state:
-            self.personal_weights = {k: v.cpu().numpy() for k, v in state["personal_weights"].items()}

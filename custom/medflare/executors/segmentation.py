@@ -33,6 +33,7 @@ from ..metrics import evaluate_segmentation
 from ..personalization import PersonalHeadTrainer, site_private_keys
 from ..training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer, round_lr
 from .base import SiteExecutor
+from .support import load_weights, weights_to_numpy
 
 # scalars sent with the weights, besides the Dice of the received global model (the initial metrics);
 # "train_<term>" is the mean of each loss term over the last local epoch (loss, seg, prox, adv, disc, disc_acc)
@@ -105,6 +106,10 @@ class SegmentationExecutor(SiteExecutor):
         head_steps: the first ``head_steps`` batches of each round train only the site-local layers (FedLC: 10).
         inconsistency_weight: FedDP's ``beta``: each pixel's loss is weighted by ``1 + beta * u``, ``u`` the
             disagreement between the site's prediction and that of the model it received (0: plain DiceCE).
+        finetune_epochs: local fine-tuning for deployment: in the job's last round, after training and sending its
+            update, the site trains the global model it received (with its own layers) alone for this many epochs
+            and deploys the result as its *personal model* (kept in the client state, submitted to cross-site
+            evaluation, loaded by ``--model <site>``). 0 (default): the site deploys the global model.
     """
 
     def __init__(self, model: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
@@ -116,7 +121,8 @@ class SegmentationExecutor(SiteExecutor):
                  seed: int = 0, device: str = "auto", num_threads: int = 0, tb_writer_id: str = "tb_writer",
                  eval_roi_size: Optional[Sequence[int]] = None, send_weight_differences: bool = False,
                  evaluate_local_model: bool = True, mixed_precision: bool = False, local_norm: Any = False,
-                 local_head: bool = False, head_steps: int = 0, inconsistency_weight: float = 0.0) -> None:
+                 local_head: bool = False, head_steps: int = 0, inconsistency_weight: float = 0.0,
+                 finetune_epochs: int = 0) -> None:
         super().__init__(tb_writer_id, send_weight_differences, evaluate_local_model)
         self.mixed_precision = mixed_precision
         self.synthetic = SyntheticSegConfig(**{"spatial_dims": spatial_dims, **(synthetic or {})})
@@ -145,10 +151,27 @@ class SegmentationExecutor(SiteExecutor):
         if (head_steps or inconsistency_weight) and not self.local_head:
             raise ValueError("head_steps and inconsistency_weight train a site-local head: set local_head: true")
         self.head_steps, self.inconsistency_weight = int(head_steps), float(inconsistency_weight)
+        if finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+        self.finetune_epochs = int(finetune_epochs)
+        self.personal_weights: Optional[Dict[str, Any]] = None  # the site's personal model, if it keeps one
+        self._round_global: Optional[Dict[str, Any]] = None  # the received global model with the site's layers
+        self._num_rounds: Optional[int] = None
 
-    deployed_model = "global"
-    """Which model the site deploys (reported, and named in the run summary): ``"global"``, the final global model
-    used with the site's own layers of :meth:`local_parts`; ``"personal"`` for a separate personal model."""
+    @property
+    def deployed_model(self) -> str:
+        """Which model the site deploys (reported, and named in the run summary): ``"global"``, the final global
+        model used with the site's own layers of :meth:`local_parts`; ``"personal"``, the site's personal model."""
+        return "personal" if self.keeps_personal_model else "global"
+
+    @property
+    def keeps_personal_model(self) -> bool:
+        """Whether the site trains a personal model of its own (here: by fine-tuning, ``finetune_epochs``)."""
+        return self.finetune_epochs > 0
+
+    def deployed_weights(self) -> Optional[Dict[str, Any]]:
+        """The personal model where the site keeps one (none before it is trained), else the last local model."""
+        return self.personal_weights if self.keeps_personal_model else self.local_weights
 
     @property
     def rounds_done(self) -> int:
@@ -218,10 +241,14 @@ class SegmentationExecutor(SiteExecutor):
     state_keys = SiteExecutor.state_keys + ("rounds_done",)
 
     def round_state(self) -> Dict[str, Any]:
-        return {"rounds_done": self.rounds_done, "extra": self.extra_state()}
+        personal = {} if self.personal_weights is None else {
+            "personal_weights": {k: torch.as_tensor(v) for k, v in self.personal_weights.items()}}
+        return {"rounds_done": self.rounds_done, "extra": self.extra_state(), **personal}
 
     def load_round_state(self, state: Dict[str, Any]) -> str:
         self.load_extra_state(state.get("extra", {}))
+        if "personal_weights" in state:
+            self.personal_weights = {k: v.cpu().numpy() for k, v in state["personal_weights"].items()}
         self.local_round = int(state["rounds_done"]) - 1
         return f"after {self.rounds_done} rounds"
 
@@ -257,8 +284,31 @@ class SegmentationExecutor(SiteExecutor):
 
     def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
         self.prepare_round(dxo, round_num, fl_ctx)
-        if isinstance(num_rounds, int):
+        self._num_rounds = num_rounds if isinstance(num_rounds, int) else None
+        if self._num_rounds is not None:
             self.trainer.set_lr(round_lr(self.lr, self.lr_schedule, round_num, num_rounds))
+        if self.keeps_personal_model:
+            self._round_global = weights_to_numpy(self.model)
+
+    def after_training(self, round_num: int, fl_ctx: FLContext) -> Dict[str, Any]:
+        """In the job's last round (``finetune_epochs``): fine-tune the received global model into the personal
+        model; report its Dice."""
+        if not self.finetune_epochs or self._num_rounds is None or round_num != self._num_rounds - 1:
+            return {}
+        load_weights(self.model, self._round_global, f"global model of round {round_num}")
+        for epoch in range(self.finetune_epochs):  # one call per epoch, seeded as benchmarks/bare_loop.py does
+            self.trainer.fit(self.data.train, 1, self.batch_size, seed=self.seed * 1000 + self._num_rounds + epoch)
+        self.personal_weights = weights_to_numpy(self.model)
+        self.log_info(fl_ctx, f"round {round_num}: fine-tuned the global model for {self.finetune_epochs} epochs "
+                              "into this site's personal model")
+        return self.personal_report(self.model)
+
+    def personal_report(self, model: torch.nn.Module) -> Dict[str, float]:
+        """``personal_dice`` and ``test_personal_dice``: the personal model's validation and test Dice."""
+        report = {"personal_dice": self.evaluate("val", model)["dice"]}
+        if self.data.test is not None:
+            report["test_personal_dice"] = self.evaluate("test", model)["dice"]
+        return report
 
     def local_metrics(self) -> Dict[str, float]:
         return self.evaluate()
