@@ -23,7 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file (FL_global_model.pt...), server run folder "
                                            "(.../server/simulate_job) or simulator workspace")
     parser.add_argument("--model", default="global",
-                        help="for a folder: global (default), best_global, or a site name for its local model")
+                        help="for a folder: global (default), best_global, or a site name for the model the site "
+                             "submitted to cross-site evaluation (its personal model under ditto and fedbn_ft, "
+                             "else its last local model)")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

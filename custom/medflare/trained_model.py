@@ -4,8 +4,9 @@ Where a model comes from:
 
 - a checkpoint file written by the persistor (``FL_global_model.pt``, ``best_FL_global_model.pt``);
 - a server run folder (``<workspace>/server/simulate_job``, or a downloaded job) and a model name: ``"global"``,
-  ``"best_global"``, or a site's name for the site's last local model that cross-site evaluation kept
-  (``cross_site_val/model_shareables/<site>``). A site model takes its record from the global checkpoint (same
+  ``"best_global"``, or a site's name for the model the site submitted to cross-site evaluation, which kept it
+  (``cross_site_val/model_shareables/<site>``): the site's personal model where it keeps one (``ditto``,
+  ``fedbn_ft``), else its last local model. A site model takes its record from the global checkpoint (same
   network and preprocessing) with ``checkpoint.model`` set to the site and its own row of the cross-site results.
 """
 
