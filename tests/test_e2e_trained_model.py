@@ -25,14 +25,19 @@ SITES = ["site-1", "site-2", "site-3"]
 SYNTHETIC = {"n_train": 24, "n_val": 8, "n_test": 8}
 
 
-@pytest.mark.slow
-def test_trained_model_is_described_reused_and_exported(tmp_path):
-    job = prepare_job("fedavg", str(tmp_path), num_rounds=2, client_args={"synthetic": SYNTHETIC})
+def _run(name, tmp_path):
+    """Run a 2-round copy of ``jobs/<name>`` on the small benchmark; its workspace and server run folder."""
+    job = prepare_job(name, str(tmp_path), num_rounds=2, client_args={"synthetic": SYNTHETIC})
     ws = str(tmp_path / "ws")
     proc = run_simulator(job, ws, n_clients=3)
     assert proc.returncode == 0, open(ws + ".out").read()[-3000:]
     assert not error_lines(ws), error_lines(ws)[:10]
-    run_dir = os.path.join(ws, "server", "simulate_job")
+    return ws, os.path.join(ws, "server", "simulate_job")
+
+
+@pytest.mark.slow
+def test_trained_model_is_described_reused_and_exported(tmp_path):
+    ws, run_dir = _run("fedavg", tmp_path)
 
     # provenance of both server checkpoints
     assert available_models(run_dir) == ["global", "best_global", *SITES]
@@ -86,12 +91,7 @@ def test_personal_models_are_deployed_named_and_reused(tmp_path):
     """Ditto in the simulator: each site's personal model is the site's model of cross-site evaluation and of
     ``--model site-1``; it equals the personal model the site keeps, and inference with it reproduces the site's
     in-site Dice; the run summary names it as the model the site deploys."""
-    job = prepare_job("ditto", str(tmp_path), num_rounds=2, client_args={"synthetic": SYNTHETIC})
-    ws = str(tmp_path / "ws")
-    proc = run_simulator(job, ws, n_clients=3)
-    assert proc.returncode == 0, open(ws + ".out").read()[-3000:]
-    assert not error_lines(ws), error_lines(ws)[:10]
-    run_dir = os.path.join(ws, "server", "simulate_job")
+    ws, run_dir = _run("ditto", tmp_path)
 
     personal = load_trained_model(ws, "site-1")
     state = torch.load(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "medflare_client_state.pt"),
@@ -109,6 +109,9 @@ def test_personal_models_are_deployed_named_and_reused(tmp_path):
     assert {s: v["model"] for s, v in deployed.items()} == {s: s for s in SITES}
     in_site = summary["cross_site"]["matrix"]["site-1"]["site-1"]
     assert deployed["site-1"]["dice"] == in_site
+    report = subprocess.run([sys.executable, os.path.join(REPO, "tools", "report.py"), ws], capture_output=True,
+                            text=True, timeout=120)
+    assert f"- site-1: its personal model, {in_site:.3f}" in report.stdout, report.stdout[-2000:]
 
     from medflare.jobspec import SEGMENTATION_BENCHMARK
 

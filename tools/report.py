@@ -68,6 +68,14 @@ def render(summary: dict) -> str:
         if test.get("stability"):
             lines.append(f"- largest round-to-round change of the mean over them: "
                          f"{test['stability']['last5_max_change']:.3f}")
+    deployed = test.get("deployed")
+    if deployed:
+        lines += ["", f"Deployed models ({split} {key} of the model each site uses on its own data):"]
+        for site, entry in sorted(deployed["sites"].items()):
+            model = "its personal model" if entry["model"] == site else \
+                "the final global model (with the site's own layers where the job keeps any)"
+            lines.append(f"- {site}: {model}, {entry[key]:.3f}")
+        lines.append(f"- mean {deployed['mean']:.3f}, worst site {deployed['worst']:.3f}")
     return "\n".join(lines)
 
 
