@@ -66,6 +66,11 @@ def derived_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def is_reference(name: str) -> bool:
+    """Sites trained alone (``local``, and ``local40`` with a longer budget): references, not methods."""
+    return name.startswith("local")
+
+
 def mean_of(r: Dict[str, Any]) -> float:
     return float(np.mean(list(lr.final_sites(r).values())))
 
@@ -98,7 +103,7 @@ def global_part(methods: Dict[str, Dict[int, Dict[str, Any]]], name: str) -> Opt
     """The method label whose records hold ``name``'s global part as a site receives it: Ditto's global model, the
     global model itself for FedAvg, the global model with the site's own layers for FedBN, FedLC and FedDP
     (there the shared part is never used without them); none for references."""
-    if name == "local" or name.endswith(FINE_TUNE) or name.endswith(GLOBAL):
+    if is_reference(name) or name.endswith(FINE_TUNE) or name.endswith(GLOBAL):
         return None
     return f"{name}{GLOBAL}" if f"{name}{GLOBAL}" in methods else name
 
@@ -142,7 +147,7 @@ def report(records: List[Dict[str, Any]], split: str = "test") -> str:
         if "local" in methods:
             out += [f"Per site, deployed model ({split} Dice; Δ: paired difference to local, 95% CI):", "",
                     *lr.site_table({k: v for k, v in methods.items() if global_part(methods, k) is not None
-                                    or k == "local" or k.endswith(FINE_TUNE)}, "local"), ""]
+                                    or is_reference(k) or k.endswith(FINE_TUNE)}, "local"), ""]
         parts = {name: methods[gp] for name in methods if (gp := global_part(methods, name))}
         if "fedavg" in parts and len(parts) > 1:
             out += [f"Per site, global part ({split} Dice; Δ: paired difference to FedAvg's global model, 95% CI):",
