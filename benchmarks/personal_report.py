@@ -17,8 +17,9 @@ site **deploys** after the last round:
 - ``fedavg + fine-tune``: FedAvg's final global model trained further at the site alone, ``finetune_epochs``
   epochs (the record's ``finetune`` entry); ``ditto (global)``: Ditto's global model, which every site receives.
 
-Columns: mean and worst over sites (mean ± sd over seeds); paired differences, seed by seed, to ``local`` and to
-``fedavg`` with 95% t intervals (``*``: the interval excludes 0); then per site the same against ``local`` (does
+Columns: mean and worst over sites (mean ± sd over seeds); paired differences, seed by seed, to ``local``, to
+``fedavg`` and, where it was run, to ``local40`` (each site alone for 40 epochs: what a site spends under Ditto and
+fine-tuning) with 95% t intervals (``*``: the interval excludes 0); then per site the same against ``local`` (does
 every hospital gain by joining?) and the *global part* of each method against FedAvg's global model (does the
 federation's model stay as good?).
 """
@@ -35,6 +36,7 @@ import numpy as np
 import loop_report as lr
 
 FINE_TUNE = " + fine-tune"
+LONGER_LOCAL = "local40"  # sites trained alone for twice the rounds: the budget of Ditto and of fine-tuning
 GLOBAL = " (global)"
 
 
@@ -85,15 +87,18 @@ def diff_cell(runs, base, get) -> str:
 
 
 def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]]) -> List[str]:
-    local, fedavg = methods.get("local", {}), methods.get("fedavg", {})
+    local, fedavg, longer = methods.get("local", {}), methods.get("fedavg", {}), methods.get(LONGER_LOCAL, {})
     lines = ["| deployed model | seeds | mean | worst | Δ mean vs local | Δ worst vs local | Δ mean vs fedavg | "
-             "Δ worst vs fedavg |", "|---|---|---|---|---|---|---|---|"]
+             "Δ worst vs fedavg |" + (f" Δ mean vs {LONGER_LOCAL} |" if longer else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if longer else "")]
     for name, runs in methods.items():
         recs = [runs[s] for s in sorted(runs)]
         cells = [diff_cell(runs, local, mean_of) if name != "local" else "–",
                  diff_cell(runs, local, worst_of) if name != "local" else "–",
                  diff_cell(runs, fedavg, mean_of) if name != "fedavg" else "–",
                  diff_cell(runs, fedavg, worst_of) if name != "fedavg" else "–"]
+        if longer:
+            cells.append(diff_cell(runs, longer, mean_of) if name != LONGER_LOCAL else "–")
         lines.append(f"| {name} | {','.join(str(s) for s in sorted(runs))} | {lr.fmt([mean_of(r) for r in recs])} | "
                      f"{lr.fmt([worst_of(r) for r in recs])} | " + " | ".join(cells) + " |")
     return lines
@@ -102,8 +107,11 @@ def main_table(methods: Dict[str, Dict[int, Dict[str, Any]]]) -> List[str]:
 def global_part(methods: Dict[str, Dict[int, Dict[str, Any]]], name: str) -> Optional[str]:
     """The method label whose records hold ``name``'s global part as a site receives it: Ditto's global model, the
     global model itself for FedAvg, the global model with the site's own layers for FedBN, FedLC and FedDP
-    (there the shared part is never used without them); none for references."""
-    if is_reference(name) or name.endswith(FINE_TUNE) or name.endswith(GLOBAL):
+    (there the shared part is never used without them), that of the method fine-tuned for ``<method> + fine-tune``;
+    none for references."""
+    if name.endswith(FINE_TUNE):  # fine-tuning changes only what the site deploys
+        return global_part(methods, name[:-len(FINE_TUNE)])
+    if is_reference(name) or name.endswith(GLOBAL):
         return None
     return f"{name}{GLOBAL}" if f"{name}{GLOBAL}" in methods else name
 
@@ -148,6 +156,8 @@ def report(records: List[Dict[str, Any]], split: str = "test") -> str:
             out += [f"Per site, deployed model ({split} Dice; Δ: paired difference to local, 95% CI):", "",
                     *lr.site_table({k: v for k, v in methods.items() if global_part(methods, k) is not None
                                     or is_reference(k) or k.endswith(FINE_TUNE)}, "local"), ""]
+        else:  # e.g. a left-out site: each site's figure
+            out += [f"Per site ({split} Dice):", "", *lr.site_table(methods, ""), ""]
         parts = {name: methods[gp] for name in methods if (gp := global_part(methods, name))}
         if "fedavg" in parts and len(parts) > 1:
             out += [f"Per site, global part ({split} Dice; Δ: paired difference to FedAvg's global model, 95% CI):",
