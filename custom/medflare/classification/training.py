@@ -3,13 +3,14 @@
 - :class:`ArrayDataset`: in-memory ``{"image", "label"}`` items.
 - :func:`classification_metrics` / :func:`evaluate_classifier`: accuracy, balanced accuracy, macro one-vs-rest
   AUC (over the classes present in the labels; rank-based, ties averaged) and mean CE.
+- :func:`balanced_accuracy`: mean recall over the classes present in the labels (also used by the inference tool).
 - :class:`ClassificationTrainer`: one training path for every method: logit-adjusted CE from the site's class
   counts, optimised by Adam (the baselines) or GSAM around Adam (FedISM, FedISM+), ``rho`` settable per round.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +61,16 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> Optional[float]:
     return float(np.mean(aucs)) if aucs else None
 
 
+def balanced_accuracy(labels: Sequence[Any], predicted: Sequence[Any]) -> float:
+    """Mean recall over the classes present in ``labels`` (in sorted order), for labels of any comparable type
+    (class indices or names); ``predicted`` holds one prediction per label."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    if labels.shape != predicted.shape or len(labels) == 0:
+        raise ValueError(f"need as many predictions as labels, at least one: {labels.shape} vs {predicted.shape}")
+    correct = predicted == labels
+    return float(np.mean([float(correct[labels == c].mean()) for c in np.unique(labels)]))
+
+
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
     """``acc``, ``bacc`` (mean recall over the classes present), ``auc`` (macro OvR; omitted if undefined),
     ``loss`` (mean CE) and ``n_images``."""
@@ -70,8 +81,7 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, 
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     pred = logits.argmax(axis=1)
-    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)]
-    out = {"acc": float(np.mean(pred == labels)), "bacc": float(np.mean(recalls)),
+    out = {"acc": float(np.mean(pred == labels)), "bacc": balanced_accuracy(labels, pred),
            "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])), "n_images": int(len(labels))}
     auc = macro_auc(labels, np.exp(log_probs))
     if auc is not None:
