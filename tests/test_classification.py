@@ -95,6 +95,23 @@ def test_metrics_by_hand():
     assert "auc" not in classification_metrics(np.array([1, 1]), np.zeros((2, 2)))
 
 
+def _pairwise_auc(labels, probs, c):
+    """One-vs-rest AUC of class ``c`` by its definition: the share of (positive, negative) pairs ranked right,
+    ties counted half."""
+    pos, neg = probs[labels == c, c], probs[labels != c, c]
+    right = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return right / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("present", [[0, 1, 2, 3], [0, 2, 3], [1, 3]])
+def test_macro_auc_is_the_mean_pairwise_auc_of_the_classes_present(present):
+    rs = np.random.RandomState(len(present))
+    labels = rs.choice(present, 60)
+    probs = np.round(rs.dirichlet(np.ones(4), 60), 1)  # rounded: many ties within a class's scores
+    expected = np.mean([_pairwise_auc(labels, probs, c) for c in present])
+    assert macro_auc(labels, probs) == pytest.approx(expected, rel=1e-12)
+
+
 def test_balanced_accuracy_by_hand_for_indices_and_names():
     # class 0: 1 of 2 right, class 2: 2 of 3 right, class 1 predicted but absent from the labels (not averaged)
     assert balanced_accuracy([0, 0, 2, 2, 2], [0, 1, 2, 2, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
