@@ -286,19 +286,18 @@ def test_check_update_partial_and_kinds():
         check_update("a", {"w": np.ones(2, np.float32)}, ref)
 
 
-def test_full_weight_updates_average_exactly_as_before():
-    """The honest path's arithmetic is unchanged: same float64 accumulation, same order, same cast."""
-    rs = np.random.RandomState(4)
-    updates = {s: {"a": rs.normal(size=(3, 3)).astype(np.float32), "b": rs.normal(size=4).astype(np.float32)}
-               for s in ("s2", "s1", "s3")}
-    weights = {"s2": 0.2, "s1": 0.5, "s3": 0.3}
-    out = weighted_average(updates, weights)
-    total = float(sum(weights.values()))
-    for name in ("a", "b"):
-        acc = np.zeros(updates["s1"][name].shape, np.float64)
-        for site in sorted(updates):
-            acc += (weights[site] / total) * np.asarray(updates[site][name], dtype=np.float64)
-        np.testing.assert_array_equal(out[name], acc.astype(np.float32))
+def test_full_weight_updates_average_to_the_values_by_hand():
+    """Weights 2:1:1 normalised to 0.5/0.25/0.25, accumulated in float64; floats keep their dtype, integer counters
+    are rounded back."""
+    updates = {"s2": {"w": np.array([4.0, 0.0, -2.0, 2.0 ** 25], np.float32), "n": np.array(4, np.int64)},
+               "s1": {"w": np.array([1.0, 2.0, 3.0, 4.0], np.float32), "n": np.array(3, np.int64)},
+               "s3": {"w": np.array([8.0, 8.0, 0.0, 4.0], np.float32), "n": np.array(8, np.int64)}}
+    out = weighted_average(updates, {"s2": 2.0, "s1": 1.0, "s3": 1.0})
+    # w: 0.25 * [1, 2, 3] + 0.5 * [4, 0, -2] + 0.25 * [8, 8, 0]; the last entry 1 + 2**24 + 1 is exact in float64
+    # (a float32 sum would lose both 1s); n: 0.25 * 3 + 0.5 * 4 + 0.25 * 8 = 4.75 -> 5
+    np.testing.assert_array_equal(out["w"], np.array([4.25, 2.5, -0.25, 2.0 ** 24 + 2], np.float32))
+    assert out["w"].dtype == np.float32
+    assert out["n"] == 5 and out["n"].dtype == np.int64
 
 
 # --------------------------------------------------------------------------------------------------- site view

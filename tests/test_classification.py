@@ -9,8 +9,8 @@ import torch
 from medflare.classification import synthetic as syn
 from medflare.classification.data import load_cls_site_data, synthetic_config
 from medflare.classification.reporting import classification_round_report, fairness_rows
-from medflare.classification.training import (ArrayDataset, ClassificationTrainer, classification_metrics,
-                                              evaluate_classifier, macro_auc)
+from medflare.classification.training import (ArrayDataset, ClassificationTrainer, balanced_accuracy,
+                                              classification_metrics, evaluate_classifier, macro_auc)
 from medflare.data import DataError
 from medflare.networks import build_model
 
@@ -93,6 +93,32 @@ def test_metrics_by_hand():
     assert macro_auc(np.array([0, 1]), np.array([[0.5, 0.5], [0.5, 0.5]])) == 0.5  # ties
     assert macro_auc(np.array([1, 1]), np.array([[0.5, 0.5], [0.2, 0.8]])) is None
     assert "auc" not in classification_metrics(np.array([1, 1]), np.zeros((2, 2)))
+
+
+def _pairwise_auc(labels, probs, c):
+    """One-vs-rest AUC of class ``c`` by its definition: the share of (positive, negative) pairs ranked right,
+    ties counted half."""
+    pos, neg = probs[labels == c, c], probs[labels != c, c]
+    right = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return right / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("present", [[0, 1, 2, 3], [0, 2, 3], [1, 3]])
+def test_macro_auc_is_the_mean_pairwise_auc_of_the_classes_present(present):
+    rs = np.random.RandomState(len(present))
+    labels = rs.choice(present, 60)
+    probs = np.round(rs.dirichlet(np.ones(4), 60), 1)  # rounded: many ties within a class's scores
+    expected = np.mean([_pairwise_auc(labels, probs, c) for c in present])
+    assert macro_auc(labels, probs) == pytest.approx(expected, rel=1e-12)
+
+
+def test_balanced_accuracy_by_hand_for_indices_and_names():
+    # class 0: 1 of 2 right, class 2: 2 of 3 right, class 1 predicted but absent from the labels (not averaged)
+    assert balanced_accuracy([0, 0, 2, 2, 2], [0, 1, 2, 2, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert balanced_accuracy(["NV", "NV", "NV", "MEL"], ["NV", "NV", "MEL", "MEL"]) == pytest.approx((1 + 2 / 3) / 2)
+    assert balanced_accuracy(np.array([3]), np.array([3])) == 1.0
+    with pytest.raises(ValueError):
+        balanced_accuracy([0, 1], [0])
 
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "densenet121", "resnet18"])

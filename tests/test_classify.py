@@ -80,6 +80,13 @@ def test_image_list_gives_probabilities_of_the_loaders_preprocessing(classifier_
     assert accuracy(rows)["n"] == 5
 
 
+def test_accuracy_of_rows_by_hand():
+    rows = [{"label": "NV", "predicted": "NV"}, {"label": "NV", "predicted": "MEL"}, {"label": "NV", "predicted": "NV"},
+            {"label": "MEL", "predicted": "MEL"}, {"predicted": "AK"}]  # the unlabelled row is not counted
+    assert accuracy(rows) == pytest.approx({"n": 4, "accuracy": 3 / 4, "balanced_accuracy": (2 / 3 + 1) / 2})
+    assert accuracy([{"predicted": "NV"}]) is None
+
+
 def test_isic_csv_gives_class_names_and_labels(classifier_model, tmp_path):
     for name in ("ISIC_1", "ISIC_2"):
         Image.fromarray((np.random.RandomState(3).rand(40, 40, 3) * 255).astype(np.uint8)).save(

@@ -48,6 +48,10 @@ def test_job_runs_and_improves(job_name, tmp_path):
     if job_name == "fedprox":
         with open(os.path.join(ws, "site-1", "simulate_job", "app_site-1", "config", "config_fed_client.json")) as f:
             assert json.load(f)["executors"][0]["executor"]["args"]["fedprox_mu"] > 0
+        # its effect: every site trained with the proximal term, reported (mean of the last epoch) and positive
+        assert all(m["train_prox"] > 0 for r in summary["rounds"] for m in r["sites"].values()), summary["rounds"]
+    elif job_name == "fedavg":
+        assert not any("train_prox" in m for r in summary["rounds"] for m in r["sites"].values())
 
 
 @pytest.mark.slow

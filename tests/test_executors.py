@@ -4,6 +4,7 @@ import numbers
 
 import numpy as np
 import pytest
+import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -145,11 +146,38 @@ def test_3d_pipeline(tmp_path):
                               synthetic={"n_train": 4, "n_val": 2, "size": 32},
                               model={"channels": (8, 16), "strides": (2,)})
     ex.start("site-2", str(tmp_path))
-    weights = {k: v.numpy() for k, v in FeatureUNet(spatial_dims=3, channels=(8, 16), strides=(2,)).state_dict().items()}
+    net = FeatureUNet(spatial_dims=3, channels=(8, 16), strides=(2,))
+    weights = {k: v.numpy() for k, v in net.state_dict().items()}
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
     dxo = _assert_only_weights_and_scalars(result, set(weights))
     assert dxo.data["model.0.conv.unit0.conv.weight"].ndim == 5
-    assert dxo.get_meta_prop(SITE_REPORT_KEY)["modality"] == "t2"
+    for k, v in weights.items():
+        assert dxo.data[k].shape == v.shape and dxo.data[k].dtype == v.dtype, k
+        assert np.all(np.isfinite(dxo.data[k])), k
+    changed = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.array_equal(dxo.data[k], v)]
+    assert "model.0.conv.unit0.conv.weight" in changed  # local training moved the weights
+    report = dxo.get_meta_prop(SITE_REPORT_KEY)
+    assert report["modality"] == "t2" and report["n_train"] == 4
+    assert 0.0 < report["train_loss"] < 10.0 and 0.0 <= report["test_dice"] <= 1.0
+    assert 0.0 <= dxo.get_meta_prop(MetaKey.INITIAL_METRICS)["dice"] <= 1.0
+    net.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data.items()})
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)  # a 3D logit map per class
+
+
+def test_fedprox_reports_its_term_and_keeps_the_local_model_near_the_global_one(tmp_path):
+    """Same seed and data: with ``fedprox_mu > 0`` the site reports a positive proximal term and its trained
+    weights end much closer to the global weights than with ``fedprox_mu = 0``."""
+    torch.manual_seed(0)
+    start = _global_weights()
+    drift, reports = {}, {}
+    for mu in (0.0, 100.0):
+        ex = _executor(SegmentationExecutor, tmp_path / f"mu{mu}", fedprox_mu=mu)
+        dxo = from_shareable(ex.execute(AppConstants.TASK_TRAIN, _train_task(start), FLContext(), Signal()))
+        drift[mu] = sum(float(np.sum((dxo.data[k] - v) ** 2)) for k, v in start.items() if v.dtype.kind == "f")
+        reports[mu] = dxo.get_meta_prop(SITE_REPORT_KEY)
+    assert "train_prox" not in reports[0.0] and reports[100.0]["train_prox"] > 0
+    assert 0 < drift[100.0] < 0.5 * drift[0.0], drift
 
 
 def test_local_model_is_not_changed_by_later_validation(tmp_path):

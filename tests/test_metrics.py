@@ -5,7 +5,7 @@ from monai.data import Dataset
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from medflare.metrics import evaluate_segmentation, fairness_summary
+from medflare.metrics import add_dice, dice_metric, evaluate_segmentation, fairness_summary
 
 
 def _numpy_dice(pred, target, num_classes):
@@ -51,6 +51,16 @@ def test_dice_matches_numpy_and_monai():
     monai = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     monai(one_hot(torch.as_tensor(pred[:, None]), c), one_hot(torch.as_tensor(labels), c))
     np.testing.assert_allclose(monai.aggregate().numpy(), expected, atol=1e-6)
+
+
+def test_dice_metric_by_hand():
+    metric = dice_metric(3)
+    # image 1: class 1 has 1 of its 2 pixels found (Dice 2/3), class 2 is missed (0); image 2 has no foreground and
+    # predicts none, so both classes score 1
+    add_dice(metric, torch.tensor([[[[1, 0], [0, 0]]]]), torch.tensor([[[[1, 1], [0, 2]]]]), 3)
+    add_dice(metric, torch.zeros(1, 1, 2, 2, dtype=torch.long), torch.zeros(1, 1, 2, 2), 3)
+    np.testing.assert_allclose(metric.get_buffer().numpy(), [[2 / 3, 0.0], [1.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(metric.aggregate().numpy(), [5 / 6, 0.5], atol=1e-6)
 
 
 def test_perfect_and_wrong_predictions():

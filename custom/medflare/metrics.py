@@ -2,7 +2,8 @@
 
 - :func:`evaluate_segmentation` runs a model over a dataset and returns per-class Dice computed with MONAI's
   :class:`~monai.metrics.DiceMetric` (foreground classes only; an image where a class is absent from both prediction
-  and ground truth counts as Dice 1 for that class).
+  and ground truth counts as Dice 1 for that class); :func:`dice_metric` and :func:`add_dice` are that setup, also
+  used by the inference tool.
 - :func:`fairness_summary` condenses per-site numbers into mean, worst site, spread and gap.
 """
 
@@ -28,6 +29,17 @@ def class_key(index: int, class_names: Optional[Sequence[str]] = None) -> str:
     return f"dice_{index}"
 
 
+def dice_metric(num_classes: int) -> DiceMetric:
+    """MONAI's Dice as medflare reports it everywhere: foreground classes only, per class averaged over the images
+    (``mean_batch``), and an image where a class is absent from both prediction and truth scores 1 for it."""
+    return DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False, num_classes=num_classes)
+
+
+def add_dice(metric: DiceMetric, pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> None:
+    """Add the Dice of a batch of label maps ``pred`` and ``label`` (both ``(B, 1, *spatial)``) to ``metric``."""
+    metric(y_pred=one_hot(pred.long(), num_classes), y=one_hot(label.long(), num_classes))
+
+
 @torch.no_grad()
 def evaluate_segmentation(model: torch.nn.Module, dataset: Dataset, num_classes: int, device: torch.device,
                           batch_size: int = 16, class_names: Optional[Sequence[str]] = None,
@@ -48,7 +60,7 @@ def evaluate_segmentation(model: torch.nn.Module, dataset: Dataset, num_classes:
     """
     was_training = model.training
     model.eval()
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False, num_classes=num_classes)
+    metric = dice_metric(num_classes)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(dataset, device))
     n = 0
     for batch in loader:
@@ -58,8 +70,7 @@ def evaluate_segmentation(model: torch.nn.Module, dataset: Dataset, num_classes:
             logits = sliding_window_inference(images, roi_size, batch_size, model)
         else:
             logits = model(images)
-        pred = one_hot(torch.argmax(logits, dim=1, keepdim=True), num_classes)
-        metric(y_pred=pred, y=one_hot(labels, num_classes))
+        add_dice(metric, torch.argmax(logits, dim=1, keepdim=True), labels, num_classes)
         n += images.shape[0]
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")

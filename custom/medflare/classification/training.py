@@ -2,17 +2,19 @@
 
 - :class:`ArrayDataset`: in-memory ``{"image", "label"}`` items.
 - :func:`classification_metrics` / :func:`evaluate_classifier`: accuracy, balanced accuracy, macro one-vs-rest
-  AUC (over the classes present in the labels; rank-based, ties averaged) and mean CE.
+  AUC (over the classes present in the labels; MONAI's ROC AUC, ties counted half) and mean CE.
+- :func:`balanced_accuracy`: mean recall over the classes present in the labels (also used by the inference tool).
 - :class:`ClassificationTrainer`: one training path for every method: logit-adjusted CE from the site's class
   counts, optimised by Adam (the baselines) or GSAM around Adam (FedISM, FedISM+), ``rho`` settable per round.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from monai.metrics import compute_roc_auc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,27 +39,25 @@ class ArrayDataset(Dataset):
 
 
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> Optional[float]:
-    """Macro one-vs-rest ROC AUC over classes that have both positives and negatives (None if none has)."""
+    """Macro one-vs-rest ROC AUC (MONAI's :func:`~monai.metrics.compute_roc_auc`, ties counted half) over the classes
+    present in ``labels``: those have both positives and negatives once two classes are present (None otherwise)."""
     labels = np.asarray(labels)
-    aucs = []
-    for c in range(probs.shape[1]):
-        pos = labels == c
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos == 0 or n_neg == 0:
-            continue
-        scores = probs[:, c]
-        order = np.argsort(scores, kind="mergesort")
-        ranks = np.empty(len(scores), dtype=np.float64)
-        sorted_scores = scores[order]
-        i = 0
-        while i < len(scores):  # average ranks over ties
-            j = i
-            while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-                j += 1
-            ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-            i = j + 1
-        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-    return float(np.mean(aucs)) if aucs else None
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    one_hot = torch.as_tensor((labels[:, None] == present[None, :]).astype(np.float64))
+    scores = torch.as_tensor(np.asarray(probs)[:, present])
+    return float(compute_roc_auc(scores, one_hot, average="macro"))
+
+
+def balanced_accuracy(labels: Sequence[Any], predicted: Sequence[Any]) -> float:
+    """Mean recall over the classes present in ``labels`` (in sorted order), for labels of any comparable type
+    (class indices or names); ``predicted`` holds one prediction per label."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    if labels.shape != predicted.shape or len(labels) == 0:
+        raise ValueError(f"need as many predictions as labels, at least one: {labels.shape} vs {predicted.shape}")
+    correct = predicted == labels
+    return float(np.mean([float(correct[labels == c].mean()) for c in np.unique(labels)]))
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
@@ -70,8 +70,7 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, 
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     pred = logits.argmax(axis=1)
-    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)]
-    out = {"acc": float(np.mean(pred == labels)), "bacc": float(np.mean(recalls)),
+    out = {"acc": float(np.mean(pred == labels)), "bacc": balanced_accuracy(labels, pred),
            "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])), "n_images": int(len(labels))}
     auc = macro_auc(labels, np.exp(log_probs))
     if auc is not None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..classification.loaders import read_image
+from ..classification.training import balanced_accuracy
 from ..trained_model import TrainedModel
 from .inputs import Case
 
@@ -79,7 +80,8 @@ def accuracy(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, float]]:
     labelled = [r for r in rows if "label" in r]
     if not labelled:
         return None
-    correct = np.array([r["predicted"] == r["label"] for r in labelled])
-    labels = np.array([r["label"] for r in labelled])
-    recalls = [float(correct[labels == c].mean()) for c in sorted(set(labels))]
-    return {"n": len(labelled), "accuracy": float(correct.mean()), "balanced_accuracy": float(np.mean(recalls))}
+    labels = [r["label"] for r in labelled]
+    predicted = [r["predicted"] for r in labelled]
+    correct = np.array([p == y for p, y in zip(predicted, labels)])
+    return {"n": len(labelled), "accuracy": float(correct.mean()),
+            "balanced_accuracy": balanced_accuracy(labels, predicted)}

@@ -25,12 +25,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, AsDiscreted, Compose, EnsureChannelFirst, Invertd, LoadImage, SaveImage
 
 from ..data.datalist import DataError, ImageSpec, build_transforms, image_transforms, load_checked
-from ..metrics import class_key
+from ..metrics import add_dice, class_key, dice_metric
 from ..trained_model import TrainedModel
 from .inputs import Case
 
@@ -49,11 +47,6 @@ def make_inferer(roi_size: Optional[Sequence[int]], sw_batch_size: int = 4) -> I
     if roi_size:
         return SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=0.25)
     return SimpleInferer()
-
-
-def dice_metric(num_classes: int) -> DiceMetric:
-    """Dice as :func:`medflare.metrics.evaluate_segmentation` computes it (foreground classes, absent in both = 1)."""
-    return DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False, num_classes=num_classes)
 
 
 @dataclass
@@ -128,7 +121,7 @@ class Segmenter:
     def _score(self, name: str, pred: torch.Tensor, label: torch.Tensor) -> Dict[str, float]:
         k = self.spec.num_classes
         metric = self.metrics[name]
-        metric(y_pred=one_hot(pred[None].long(), k), y=one_hot(torch.as_tensor(label)[None].long(), k))
+        add_dice(metric, pred[None], torch.as_tensor(label)[None], k)
         per_class = metric.get_buffer()[-1].cpu().numpy()
         scores = {class_key(c + 1, self.class_names): float(v) for c, v in enumerate(per_class)}
         scores["dice"] = float(np.mean(per_class))
