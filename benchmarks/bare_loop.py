@@ -3,7 +3,7 @@
 
 This is the floor the FLARE jobs are measured against (no messaging, no polling, no persistence) and the fast way
 to sweep training settings: a round costs only the sites' local training and the evaluation of the global model.
-Each site gets its own trainer, seeded and shuffled exactly as :class:`medflare.executors.SegmentationExecutor`
+Each site gets its own trainer, seeded and shuffled exactly as :class:`medflare.flare.executors.SegmentationExecutor`
 does, so a run here follows the FLARE job's trajectory step for step at the same thread count.
 
     python benchmarks/bare_loop.py --rounds 20 --seed 0 --set optimizer=sgd lr=0.01
@@ -30,17 +30,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "custom"))
 
-from medflare.aggregation import sample_weights, weighted_average  # noqa: E402
-from medflare.alignment import DomainAdversarialTrainer, adversarial_weight, domain_accuracy  # noqa: E402
-from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config  # noqa: E402
-from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
-from medflare.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
-from medflare.metrics import evaluate_segmentation  # noqa: E402
-from medflare.networks import build_model, norm_layer_keys  # noqa: E402
-from medflare.personalization import PersonalHeadTrainer, ProximalPersonalTrainer, site_private_keys  # noqa: E402
-from medflare.probe import linear_probe_accuracy, site_feature_set, site_histogram_set  # noqa: E402
-from medflare.stability import round_stability  # noqa: E402
-from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
+from medflare.algorithms.aggregation import sample_weights, weighted_average  # noqa: E402
+from medflare.algorithms.alignment import DomainAdversarialTrainer, adversarial_weight, domain_accuracy  # noqa: E402
+from medflare.data import ImageSpec, resolve_site_config  # noqa: E402
+from medflare.segmentation.synthetic import SyntheticSegConfig  # noqa: E402
+from medflare.segmentation.data import load_site_data  # noqa: E402
+from medflare.flare.executors.base import load_weights, weights_to_numpy  # noqa: E402
+from medflare.algorithms.feature_stats import StatisticsAlignmentTrainer, site_feature_statistics  # noqa: E402
+from medflare.segmentation.metrics import evaluate_segmentation  # noqa: E402
+from medflare.networks import build_model  # noqa: E402
+from medflare.segmentation.networks import norm_layer_keys  # noqa: E402
+from medflare.algorithms.personalization import (PersonalHeadTrainer, ProximalPersonalTrainer, site_private_keys)  # noqa: E402
+from probe import linear_probe_accuracy, site_feature_set, site_histogram_set  # noqa: E402
+from medflare.common.summaries import round_stability  # noqa: E402
+from medflare.segmentation.training import SegmentationTrainer, round_lr  # noqa: E402
 
 
 @dataclass

@@ -43,7 +43,9 @@ DEFAULT_MODALITIES = ("t1", "t2", "ct")
 
 def load_benchmark(synthetic: Dict[str, Any]):
     """The benchmark's sites, their data (train/val/test) and the image settings."""
-    from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
+    from medflare.data import ImageSpec, resolve_site_config
+    from medflare.segmentation.synthetic import SyntheticSegConfig
+    from medflare.segmentation.data import load_site_data
 
     syn = SyntheticSegConfig(**synthetic)
     spec = ImageSpec(num_classes=syn.num_classes, spatial_dims=syn.spatial_dims,
@@ -56,7 +58,7 @@ def probe_accuracy(model, data: Dict[str, Any], seed: int) -> float:
     """Linear-probe accuracy of telling the sites apart from ``model``'s features of their test images."""
     import torch
 
-    from medflare.probe import linear_probe_accuracy, site_feature_set
+    from probe import linear_probe_accuracy, site_feature_set
 
     return linear_probe_accuracy(*site_feature_set(model, {s: d.test for s, d in data.items()},
                                                    torch.device("cpu")), seed=seed)
@@ -72,11 +74,11 @@ def run_reference(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
     import torch
     from torch.utils.data import ConcatDataset
 
-    from medflare.data import SyntheticSegConfig
-    from medflare.executors.base import configure_torch
-    from medflare.metrics import evaluate_segmentation
+    from medflare.segmentation.synthetic import SyntheticSegConfig
+    from medflare.flare.executors.base import configure_torch
+    from medflare.segmentation.metrics import evaluate_segmentation
     from medflare.networks import build_model
-    from medflare.training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer
+    from medflare.segmentation.training import DEFAULT_LR, DEFAULT_OPTIMIZER, SegmentationTrainer
 
     configure_torch(1, seed)
     sites, data = load_benchmark(synthetic)
@@ -163,7 +165,7 @@ def run_federated(method: str, seed: int, rounds: int, synthetic: Dict[str, Any]
 def federated_record(method: str, seed: int, summary: Dict[str, Any], checkpoint: str,
                      synthetic: Dict[str, Any]) -> Dict[str, Any]:
     """A comparison record from a FLARE run's summary, plus the linear probe of its final global model."""
-    from medflare.trained_model import load_checkpoint
+    from medflare.artefacts.trained_model import load_checkpoint
 
     sites = sorted(summary["rounds"][-1]["sites"])
     test_rounds = {c["round"]: c["sites"] for c in summary["test"]["rounds"]}
@@ -204,7 +206,7 @@ def run_one(method: str, seed: int, rounds: int, synthetic: Dict[str, Any], out:
 
 
 def _mean_worst(per_site: Dict[str, float]) -> tuple:
-    from medflare.results import mean_and_worst
+    from medflare.common.results import mean_and_worst
 
     both = mean_and_worst(per_site)
     return both["mean"], both["worst"]
@@ -222,7 +224,7 @@ def scores(record: Dict[str, Any]) -> Dict[str, float]:
     - ``probe``: accuracy of a linear probe telling the sites apart from the final model's encoder features
       (chance: 1 / sites).
     """
-    from medflare.stability import round_stability
+    from medflare.common.summaries import round_stability
 
     matrix, sites = record["matrix"], record["sites"]
     out: Dict[str, float] = {}
@@ -256,7 +258,7 @@ def aggregate(records: Sequence[Dict[str, Any]], methods: Sequence[str],
               baseline: str = "fedavg") -> List[Dict[str, Any]]:
     """One row per method: mean and std over seeds of every score, wall time, and for ``mean`` and ``worst`` the
     paired difference to ``baseline`` over the seeds both ran (95% t interval)."""
-    from medflare.statistics import paired_difference
+    from paired_stats import paired_difference
 
     base = {r["seed"]: scores(r) for r in records if r["method"] == baseline}
     rows = []

@@ -37,7 +37,7 @@ sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 from compare import finished_record, format_difference, parse_method  # noqa: E402
 from jobtools import copy_job, run_simulator  # noqa: E402
 
-from medflare.jobspec import FAIRNESS_SUITE  # noqa: E402
+from jobspec import FAIRNESS_SUITE  # noqa: E402
 
 METHODS = FAIRNESS_SUITE
 COLUMNS = ("bacc_mean", "bacc_worst", "bacc_std", "bacc_gap", "last5_mean", "last5_worst", "test_clean",
@@ -128,7 +128,7 @@ def scores(record: Dict[str, Any], last: int) -> Dict[str, float]:
 
 
 def aggregate(records: Sequence[Dict[str, Any]], methods: Sequence[str], last: int) -> List[Dict[str, Any]]:
-    from medflare.statistics import paired_difference
+    from paired_stats import paired_difference
 
     base = {r["seed"]: scores(r, last) for r in records if r["method"] == BASELINE}
     rows = []

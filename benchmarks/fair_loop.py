@@ -6,8 +6,8 @@ A job of the fairness suite (``jobs/fedism``, ``jobs/fedavg_cls``...) is built f
 (:mod:`medflare.jobspec`) exactly as its FLARE config is written; the components of that config are instantiated
 here, one executor per site (each with its own app folder for client state), and every round goes through the same
 calls as in FLARE: the global model to a train task (``learnable_to_shareable``), each site's restricted view of it
-(:func:`medflare.site_view.site_view`), ``execute("train")``, the controller's metric check
-(:func:`medflare.reports.clean_metrics`), ``accept`` and ``aggregate``, ``shareable_to_learnable``. So a run here
+(:func:`medflare.flare.site_view.site_view`), ``execute("train")``, the controller's metric check
+(:func:`medflare.common.reports.clean_metrics`), ``accept`` and ``aggregate``, ``shareable_to_learnable``. So a run here
 follows the simulator's run of the job to the last digit at the same thread count (one per site), at a fraction of
 its time: no polling, no process start-up, no persistence.
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "benchmarks")]
+sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools"), os.path.join(ROOT, "benchmarks")]
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable  # noqa: E402
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode  # noqa: E402
@@ -53,10 +53,10 @@ from nvflare.app_common.app_constant import AppConstants  # noqa: E402
 
 from compare import parse_method  # noqa: E402
 from compare_fairness import split_overrides  # noqa: E402
-from medflare.jobspec import FAIRNESS_SUITE, get_job, job_files  # noqa: E402
+from jobspec import FAIRNESS_SUITE, get_job, job_files  # noqa: E402
 from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY, SHARPNESS  # noqa: E402
-from medflare.reports import clean_metrics  # noqa: E402
-from medflare.site_view import site_view  # noqa: E402
+from medflare.common.reports import clean_metrics  # noqa: E402
+from medflare.flare.site_view import site_view  # noqa: E402
 
 LOCAL = "local"  # every site alone, with fedavg_cls's executor
 BASE_OF_LOCAL = "fedavg_cls"
@@ -191,7 +191,7 @@ class InProcessFederation:
 
     def global_test(self, weights: Dict[str, np.ndarray], synthetic: Dict[str, Any]) -> Dict[str, float]:
         """Balanced accuracy of ``weights`` on the benchmark's global clean and corrupted test sets."""
-        from medflare.executors.base import load_weights
+        from medflare.flare.executors.base import load_weights
 
         executor = self.executors[self.sites[0]]
         load_weights(executor.model, weights, "final global model")

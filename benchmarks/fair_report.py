@@ -33,11 +33,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "benchmarks")]
+sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools"), os.path.join(ROOT, "benchmarks")]
 
 import loop_report  # noqa: E402
 from loop_report import fmt, load_records, paired  # noqa: E402
-from medflare.jobspec import FAIRNESS_SUITE  # noqa: E402
+from jobspec import FAIRNESS_SUITE  # noqa: E402
 
 BASELINE = "fedavg_cls"
 FAIR_BASELINES = ("afl", "qfedavg", "fairfed", "fedce", "fedga")

@@ -47,7 +47,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "custom"))
 
-from medflare.statistics import paired_difference  # noqa: E402
+from paired_stats import paired_difference  # noqa: E402
 
 
 def load_records(paths: Sequence[str]) -> List[Dict[str, Any]]:

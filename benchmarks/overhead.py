@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from compare import parse_method  # noqa: E402
 from jobtools import NVFLARE  # noqa: E402
-from medflare.jobspec import get_job, merge_args, write_job  # noqa: E402
+from jobspec import get_job, merge_args, write_job  # noqa: E402
 
 #: Training settings of the segmentation jobs, given to the bare loop so it does the same work.
 BARE_LOOP_SETTINGS = ["optimizer=sgd", "lr=0.03", "reset_optimizer=true", "server_momentum=0.5"]
@@ -177,7 +177,7 @@ def stock_job(rounds: int, workdir: str) -> str:
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
     recipe = FedAvgRecipe(name="stock_fedavg", min_clients=SEGMENTATION_SITES, num_rounds=rounds,
-                          model={"class_path": "medflare.networks.FeatureUNet", "args": {"spatial_dims": 2}},
+                          model={"class_path": "medflare.segmentation.networks.FeatureUNet", "args": {"spatial_dims": 2}},
                           train_script=os.path.join(ROOT, "benchmarks", "stock_flare", "client.py"),
                           train_args="--seed 0", key_metric="dice")
     recipe.export(os.path.join(workdir, "job"))

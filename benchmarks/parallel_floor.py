@@ -34,12 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom"))
 
 from bare_loop import LoopConfig, benchmark_of, parse_value, server_step, trainer_args  # noqa: E402
-from medflare.aggregation import sample_weights, weighted_average  # noqa: E402
-from medflare.data import load_site_data, resolve_site_config  # noqa: E402
-from medflare.executors.base import load_weights, weights_to_numpy  # noqa: E402
-from medflare.metrics import evaluate_segmentation  # noqa: E402
+from medflare.algorithms.aggregation import sample_weights, weighted_average  # noqa: E402
+from medflare.segmentation.data import load_site_data  # noqa: E402
+from medflare.data import resolve_site_config  # noqa: E402
+from medflare.flare.executors.base import load_weights, weights_to_numpy  # noqa: E402
+from medflare.segmentation.metrics import evaluate_segmentation  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
-from medflare.training import SegmentationTrainer, round_lr  # noqa: E402
+from medflare.segmentation.training import SegmentationTrainer, round_lr  # noqa: E402
 
 log = logging.getLogger("parallel_floor")
 

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.join(ROOT, "custom"))
 
 import torch  # noqa: E402
 
-from medflare.alignment import AdversarialSegmentationTrainer  # noqa: E402
+from medflare.algorithms.alignment import AdversarialSegmentationTrainer  # noqa: E402
 from medflare.networks import build_model  # noqa: E402
-from medflare.training import SegmentationTrainer  # noqa: E402
+from medflare.segmentation.training import SegmentationTrainer  # noqa: E402
 
 
 def main() -> None:

@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.join(ROOT, "custom"))
 
 from stage_job import StageError, app_dirs, parse_json_assignment, stage_job  # noqa: E402
 
-from medflare.resume import ResumeError, load_resume_state  # noqa: E402
+from medflare.flare.resume import ResumeError, load_resume_state  # noqa: E402
 
-# the controllers that can resume (medflare.workflows.MetricsScatterAndGather and its subclasses)
-RESUMABLE = ("medflare.workflows.MetricsScatterAndGather", "medflare.workflows.RingRelayScatterAndGather",
-             "medflare.classification.reporting.FairnessScatterAndGather")
+# the controllers that can resume (medflare.flare.workflows.MetricsScatterAndGather and its subclasses)
+RESUMABLE = ("medflare.flare.workflows.MetricsScatterAndGather", "medflare.flare.workflows.RingRelayScatterAndGather",
+             "medflare.flare.fairness_workflow.FairnessScatterAndGather")
 
 
 def set_resume_from(job_dir: str, checkpoint: str) -> List[str]:

@@ -35,9 +35,9 @@ import sys
 from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "custom"))
+sys.path[:0] = [os.path.join(ROOT, "custom"), os.path.join(ROOT, "tools")]
 
-from medflare.jobspec import folder_differences, get_job, write_job  # noqa: E402
+from jobspec import folder_differences, get_job, write_job  # noqa: E402
 
 SERVER_SETTINGS = ("num_rounds", "min_clients", "server")
 

@@ -439,7 +439,7 @@ def validate_site_data(kit: Kit, data: Dict[str, Any], check_files: bool) -> Non
     try:
         from medflare.data.datalist import DataError
         from medflare.data.site_config import parse_site_config
-        from medflare.data.synthetic import DEFAULT_MODALITIES
+        from medflare.segmentation.synthetic import DEFAULT_MODALITIES
     finally:
         sys.path.pop(0)
     target = os.path.join(kit.local, "medflare_site.json")
@@ -459,7 +459,7 @@ def validate_site_policy(policy: Dict[str, Any]) -> None:
     """Validate medflare_policy.json with medflare's own parser (what the executor does at the site)."""
     sys.path.insert(0, os.path.join(ROOT, "custom"))
     try:
-        from medflare.site_policy import PolicyError, parse_site_policy
+        from medflare.flare.site_policy import PolicyError, parse_site_policy
     finally:
         sys.path.pop(0)
     try:

@@ -9,8 +9,8 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.aggregation import UpdateError, check_update, sample_weights, weighted_average
-from medflare.aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
+from medflare.algorithms.aggregation import UpdateError, check_update, sample_weights, weighted_average
+from medflare.flare.aggregators import AGGREGATION_WEIGHTS_KEY, WeightedAggregator
 
 
 def test_sample_weights():

@@ -5,15 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from medflare.alignment import (
-    AdversarialSegmentationTrainer,
-    FeatureDiscriminator,
-    adversarial_weight,
-    discriminator_loss,
-    fooling_loss,
-)
-from medflare.networks import FeatureUNet
-from medflare.relay import encoder_part, relay_assignments
+from medflare.algorithms.alignment import (AdversarialSegmentationTrainer, FeatureDiscriminator, adversarial_weight,
+                                           discriminator_loss, fooling_loss)
+from medflare.segmentation.networks import FeatureUNet
+from medflare.algorithms.relay import encoder_part, relay_assignments
 from toys import square_dataset
 
 
@@ -124,7 +119,7 @@ def test_relay_state_is_part_of_the_resume_checkpoint(monkeypatch):
     """FLARE 2.9 keeps no controller snapshots; the encoders to relay travel in medflare's resume checkpoint."""
     from nvflare.app_common.abstract.model import ModelLearnableKey
 
-    from medflare.workflows import RingRelayScatterAndGather
+    from medflare.flare.workflows import RingRelayScatterAndGather
 
     ctl = RingRelayScatterAndGather(min_clients=2, num_rounds=3)
     ctl._global_weights = {ModelLearnableKey.WEIGHTS: {"w": np.zeros(2)}, ModelLearnableKey.META: {}}

@@ -7,10 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
-from medflare.data.anatomy import ANATOMY_MODALITIES, TISSUES, sample_case, template_tissues
-from medflare.data.synthetic import make_site_arrays, write_site_dataset
-from medflare.executors.segmentation import resolve_classes
+from medflare.data import ImageSpec, resolve_site_config
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.data import load_site_data
+from medflare.segmentation.anatomy import ANATOMY_MODALITIES, TISSUES, sample_case, template_tissues
+from medflare.segmentation.synthetic import make_site_arrays, write_site_dataset
+from medflare.flare.executors.segmentation import resolve_classes
 
 
 def small(**changes):

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from medflare import atomic
-from medflare.atomic import atomic_write
+from medflare.common import atomic
+from medflare.common.atomic import atomic_write
 
 
 def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after_it(tmp_path, monkeypatch):

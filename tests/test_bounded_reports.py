@@ -11,15 +11,15 @@ from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_lear
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
-from medflare import fair_aggregators as fa
+from medflare.flare import fairness_aggregators as fa
 from medflare import keys
-from medflare.aggregation import UpdateError, check_update, to_weights, weighted_average
-from medflare.aggregators import WeightedAggregator
+from medflare.algorithms.aggregation import UpdateError, check_update, to_weights, weighted_average
+from medflare.flare.aggregators import WeightedAggregator
 from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY, SITE_WEIGHT_KEY
-from medflare.reports import (MAX_LOSS, ReportError, bound_for, check_sample_count,
-                              check_statistics, clean_cross_site, clean_metrics, effective_sample_counts)
-from medflare.robust import RobustRule, robust_average, update_norm
-from medflare.site_view import site_meta, site_view
+from medflare.common.reports import (MAX_LOSS, ReportError, bound_for, check_sample_count, check_statistics,
+                                     clean_cross_site, clean_metrics, effective_sample_counts)
+from medflare.algorithms.robust import RobustRule, robust_average, update_norm
+from medflare.flare.site_view import site_meta, site_view
 from test_fairness_aggregators import _ctx, initial_model, make, run_round, site_results
 
 FIVE = ["site-1", "site-2", "site-3", "site-4", "site-5"]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from medflare.bundle import BundleError, export_bundle, preprocessing_config, verify_bundle
+from medflare.artefacts.bundle import BundleError, export_bundle, preprocessing_config, verify_bundle
 from medflare.data.datalist import ImageSpec, image_transforms
-from medflare.inference.inputs import segmentation_cases
-from medflare.inference.segmentation import Segmenter, segment_cases
-from medflare.trained_model import available_models, load_checkpoint, load_trained_model
+from medflare.artefacts.inference.inputs import segmentation_cases
+from medflare.artefacts.inference.segmentation import Segmenter, segment_cases
+from medflare.artefacts.trained_model import available_models, load_checkpoint, load_trained_model
 
 from trained_models import briefly_trained_model, nifti, segmentation_persistor, write_checkpoint
 
@@ -119,9 +119,9 @@ def test_domain_head_model_exports_its_unet(tmp_path):
 
 
 def test_classifier_is_refused(tmp_path):
-    from medflare.executors import ClassificationExecutor
-    from medflare.persistors import ModelPersistor
-    from medflare.provenance import executor_preprocessing
+    from medflare.flare.executors import ClassificationExecutor
+    from medflare.flare.persistors import ModelPersistor
+    from medflare.artefacts.provenance import executor_preprocessing
 
     persistor = ModelPersistor(model={"name": "tiny_cnn"},
                                            preprocessing=executor_preprocessing(ClassificationExecutor()))

@@ -8,7 +8,7 @@ import torch
 
 from medflare.classification import synthetic as syn
 from medflare.classification.data import load_cls_site_data, synthetic_config
-from medflare.classification.reporting import classification_round_report, fairness_rows
+from medflare.flare.fairness_workflow import classification_round_report, fairness_rows
 from medflare.classification.training import (ArrayDataset, ClassificationTrainer, balanced_accuracy,
                                               classification_metrics, evaluate_classifier, macro_auc)
 from medflare.data import DataError

@@ -9,9 +9,9 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare import keys
-from medflare.executors import ClassificationExecutor
+from medflare.flare.executors import ClassificationExecutor
 from medflare.networks import build_model
-from medflare.sam import fedism_plus_rho
+from medflare.algorithms.sam import fedism_plus_rho
 
 TINY = {"synthetic": {"n_train": 16, "n_val": 8, "n_test": 8, "seed": 0}, "batch_size": 8, "global_test_sites": [],
         "model": {"name": "tiny_cnn"}, "num_threads": 1}

@@ -13,11 +13,11 @@ from PIL import Image
 
 from medflare.classification.loaders import read_image
 from medflare.data.datalist import DataError
-from medflare.inference.classification import Classifier, accuracy
-from medflare.inference.inputs import classification_cases
-from medflare.persistors import ModelPersistor
-from medflare.provenance import executor_preprocessing
-from medflare.trained_model import load_checkpoint
+from medflare.artefacts.inference.classification import Classifier, accuracy
+from medflare.artefacts.inference.inputs import classification_cases
+from medflare.flare.persistors import ModelPersistor
+from medflare.artefacts.provenance import executor_preprocessing
+from medflare.artefacts.trained_model import load_checkpoint
 
 from trained_models import write_checkpoint
 
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def classifier_model(tmp_path_factory):
-    from medflare.executors import ClassificationExecutor
+    from medflare.flare.executors import ClassificationExecutor
 
     executor = ClassificationExecutor(spatial_size=(32, 32))
     persistor = ModelPersistor(model={"name": "tiny_cnn", "in_channels": 1, "num_classes": 4},
@@ -118,7 +118,7 @@ def test_bad_classification_inputs_name_the_file(classifier_model, tmp_path):
     with pytest.raises(DataError, match="broken.png"):
         Classifier(classifier_model, CPU).rows(classification_cases(str(tmp_path / "broken.png"))[0])
     with pytest.raises(ValueError, match="holds a classification model; use the classification tool"):
-        from medflare.inference.segmentation import Segmenter
+        from medflare.artefacts.inference.segmentation import Segmenter
 
         Segmenter(classifier_model, CPU)
 

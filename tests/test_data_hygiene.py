@@ -13,12 +13,14 @@ from PIL import Image
 from medflare.classification.data import load_cls_site_data
 from medflare.classification.loaders import load_source, read_image, source_lists
 from medflare.classification.synthetic import SyntheticClsConfig
-from medflare.data import DataError, ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
+from medflare.data import DataError, ImageSpec, resolve_site_config
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.data import load_site_data
 from medflare.data.checks import check_splits, integer_label
 from medflare.data.datalist import read_datalist
 from medflare.data.site_config import SITE_CONFIG_FILE
-from medflare.data.synthetic import write_benchmark
-from medflare.results import write_csv
+from medflare.segmentation.synthetic import write_benchmark
+from medflare.common.results import write_csv
 from test_datalist import _rewrite as _edit
 
 SIZE = (16, 16)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medflare.data import DataError, ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
+from medflare.data import DataError, ImageSpec, resolve_site_config
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.data import load_site_data
 from medflare.data.datalist import load_items, read_datalist
 from medflare.data.site_config import SITE_CONFIG_ENV, SITE_CONFIG_FILE
-from medflare.data.synthetic import write_benchmark
+from medflare.segmentation.synthetic import write_benchmark
 
 SMALL = SyntheticSegConfig(n_train=6, n_val=3)
 SPEC = ImageSpec()

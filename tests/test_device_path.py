@@ -8,10 +8,10 @@ import torch
 from monai.data import Dataset
 
 from medflare.data.placement import DeviceTensorDataset, dataset_bytes, loader_options, place_on_device
-from medflare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
-from medflare.metrics import evaluate_segmentation
+from medflare.flare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
+from medflare.segmentation.metrics import evaluate_segmentation
 from medflare.networks import build_model
-from medflare.training import SegmentationTrainer
+from medflare.segmentation.training import SegmentationTrainer
 
 CPU = torch.device("cpu")
 

@@ -28,7 +28,7 @@ FILTERS = {
 
 def _initial_model():
     torch.manual_seed(0)  # as the job's persistor (seed 0)
-    from medflare.jobspec import JOBS, persistor_model
+    from jobspec import JOBS, persistor_model
 
     return {k: v.numpy() for k, v in build_model(**persistor_model(JOBS["fedavg"].executor)).state_dict().items()}
 

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from medflare.data import SyntheticSegConfig
-from medflare.data.synthetic import ensure_site_dataset
-from medflare.bundle import export_bundle, verify_bundle
-from medflare.inference.inputs import segmentation_cases
-from medflare.inference.segmentation import Segmenter, segment_cases
-from medflare.trained_model import available_models, load_trained_model
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.synthetic import ensure_site_dataset
+from medflare.artefacts.bundle import export_bundle, verify_bundle
+from medflare.artefacts.inference.inputs import segmentation_cases
+from medflare.artefacts.inference.segmentation import Segmenter, segment_cases
+from medflare.artefacts.trained_model import available_models, load_trained_model
 
 from flare_runs import REPO, error_lines, prepare_job, run_simulator
 from test_bundle import bundle_agreement
@@ -44,8 +44,8 @@ def test_trained_model_is_described_reused_and_exported(tmp_path):
     final, best = load_trained_model(ws, "global"), load_trained_model(ws, "best_global")
     record = final.provenance
     assert record["job"]["name"] == "fedavg" and record["checkpoint"] == {"model": "global", "rounds_completed": 2}
-    assert record["method"]["executor"]["path"] == "medflare.executors.SegmentationExecutor"
-    assert record["method"]["aggregator"]["path"] == "medflare.aggregators.WeightedAggregator"
+    assert record["method"]["executor"]["path"] == "medflare.flare.executors.SegmentationExecutor"
+    assert record["method"]["aggregator"]["path"] == "medflare.flare.aggregators.WeightedAggregator"
     assert record["preprocessing"]["spatial_size"] == [64, 64] and record["preprocessing"]["intensity"] == "minmax"
     assert {s: v["n_samples"] for s, v in record["sites"].items()} == {s: 24 for s in SITES}
     assert sorted(record["cross_site"]["matrix"]) == ["best_global", "global", *SITES]
@@ -55,7 +55,7 @@ def test_trained_model_is_described_reused_and_exported(tmp_path):
     # medflare's inference on site-1's test list: the training-resolution Dice is the cross-site number
     with open(os.path.join(run_dir, "cross_site_val", "cross_val_results.json")) as f:
         cross_site = json.load(f)["site-1"]["SRV_FL_global_model.pt"]
-    from medflare.jobspec import SEGMENTATION_BENCHMARK
+    from jobspec import SEGMENTATION_BENCHMARK
 
     datalist = ensure_site_dataset(SyntheticSegConfig(**{**SEGMENTATION_BENCHMARK, **SYNTHETIC}), 0).datalist
     segmenter = Segmenter(final, torch.device("cpu"))
@@ -97,7 +97,7 @@ def test_personal_models_are_deployed_named_and_reused(tmp_path):
     state_file = os.path.join(ws, "site-1", "simulate_job", "app_site-1", "medflare_client_state.pt")
     check = (
         "import sys, json, torch; sys.path.insert(0, 'custom')\n"
-        "from medflare.trained_model import load_trained_model\n"
+        "from medflare.artefacts.trained_model import load_trained_model\n"
         f"personal = load_trained_model({ws!r}, 'site-1'); kept = torch.load({state_file!r}, weights_only=True)"
         "['personal_weights']\n"
         f"glob = load_trained_model({ws!r}, 'global').state_dict()\n"
@@ -118,7 +118,7 @@ def test_personal_models_are_deployed_named_and_reused(tmp_path):
                             text=True, timeout=120)
     assert f"- site-1: its personal model, {in_site:.3f}" in report.stdout, report.stdout[-2000:]
 
-    from medflare.jobspec import SEGMENTATION_BENCHMARK
+    from jobspec import SEGMENTATION_BENCHMARK
 
     datalist = ensure_site_dataset(SyntheticSegConfig(**{**SEGMENTATION_BENCHMARK, **SYNTHETIC}), 0).datalist
     out = str(tmp_path / "personal_labelled")

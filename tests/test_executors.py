@@ -11,9 +11,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
+from medflare.flare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
 from medflare.keys import PEER_SITE_KEY, SITE_REPORT_KEY
-from medflare.networks import FeatureUNet
+from medflare.segmentation.networks import FeatureUNet
 
 SMALL = {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4}, "batch_size": 4}
 DOMAIN_MODEL = {"name": "unet_domain", "n_domains": 3}
@@ -195,7 +195,8 @@ AFFINE = {"name": "unet", "norm": ["instance", {"affine": True}]}
 
 
 def test_local_norm_never_sends_normalisation_layers_and_restores_them(tmp_path):
-    from medflare.networks import build_model, norm_layer_keys
+    from medflare.networks import build_model
+    from medflare.segmentation.networks import norm_layer_keys
 
     ex = _executor(SegmentationExecutor, tmp_path, model=AFFINE, local_norm=True)
     weights = _global_weights(AFFINE)
@@ -255,7 +256,8 @@ def test_statistics_mode_sends_its_statistics_and_uses_the_peers(tmp_path):
 
 
 def test_first_local_norm_keeps_only_the_input_layer_s_norm(tmp_path):
-    from medflare.networks import build_model, norm_layer_keys
+    from medflare.networks import build_model
+    from medflare.segmentation.networks import norm_layer_keys
 
     net = build_model(**AFFINE)
     first = norm_layer_keys(net, first_only=True)

@@ -1,11 +1,11 @@
-"""Fair aggregation rules (medflare.fairness) on hand-made inputs with answers worked out by hand."""
+"""Fair aggregation rules (medflare.algorithms.fairness) on hand-made inputs with answers worked out by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from medflare import fairness as F
+from medflare.algorithms import fairness as F
 
 
 def approx(d, **kw):

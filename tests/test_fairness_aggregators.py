@@ -18,8 +18,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-from medflare import fairness as fr
-from medflare import fair_aggregators as fa
+from medflare.algorithms import fairness as fr
+from medflare.flare import fairness_aggregators as fa
 from medflare import keys
 from medflare.keys import AGGREGATION_WEIGHTS_KEY, SITE_REPORT_KEY
 
@@ -199,7 +199,7 @@ def test_missing_statistic_stops_the_run_naming_the_site():
 
 BLOCKER = r"""
 import builtins, importlib.abc, sys
-BLOCKED = ("medflare.data", "medflare.classification", "medflare.executors", "medflare.sam", "medflare.training")
+BLOCKED = ("medflare.data", "medflare.classification", "medflare.flare.executors", "medflare.algorithms.sam", "medflare.segmentation.training")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.startswith(BLOCKED):
@@ -235,9 +235,9 @@ def test_no_aggregation_code_path_reads_client_data():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
     # and the modules the server loads for aggregation do not depend on the data modules
-    check = ("import sys; sys.path.insert(0, sys.argv[1]); import medflare.fair_aggregators, json; "
+    check = ("import sys; sys.path.insert(0, sys.argv[1]); import medflare.flare.fairness_aggregators, json; "
              "print(json.dumps(sorted(m for m in sys.modules if m.startswith('medflare'))))")
     proc = subprocess.run([sys.executable, "-c", check, os.path.join(REPO, "custom")], capture_output=True, text=True,
                           env=env, timeout=300)
     loaded = json.loads(proc.stdout)
-    assert not [m for m in loaded if m.startswith(("medflare.data", "medflare.classification", "medflare.executors"))]
+    assert not [m for m in loaded if m.startswith(("medflare.data", "medflare.classification", "medflare.flare.executors"))]

@@ -16,12 +16,12 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
-from medflare.executors import SegmentationExecutor
-from medflare.executors.base import STATE_FILE, StateError, read_state_file
+from medflare.flare.executors import SegmentationExecutor
+from medflare.flare.executors.base import STATE_FILE, StateError, read_state_file
 from medflare.networks import build_model
-from medflare.relay import relay_wait_over
-from medflare.results import RunSummary
-from medflare.workflows import RingRelayScatterAndGather
+from medflare.algorithms.relay import relay_wait_over
+from medflare.common.results import RunSummary
+from medflare.flare.workflows import RingRelayScatterAndGather
 
 SMALL = {"synthetic": {"n_train": 4, "n_val": 2, "n_test": 2}, "batch_size": 4}
 

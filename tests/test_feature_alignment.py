@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from medflare.augment import RandomIntensityNetwork, make_intensity_augmentation, rescale_like
-from medflare.feature_stats import (FeatureStatistics, StatisticsAlignmentTrainer, class_feature_sums,
-                                    flatten_locations, location_classes, sample_peer_features,
-                                    site_feature_statistics)
-from medflare.networks import FeatureUNet
-from medflare.training import SegmentationTrainer
+from medflare.segmentation.augment import RandomIntensityNetwork, make_intensity_augmentation, rescale_like
+from medflare.algorithms.feature_stats import (FeatureStatistics, StatisticsAlignmentTrainer, class_feature_sums,
+                                               flatten_locations, location_classes, sample_peer_features,
+                                               site_feature_statistics)
+from medflare.segmentation.networks import FeatureUNet
+from medflare.segmentation.training import SegmentationTrainer
 
 
 def test_location_classes_take_the_majority_class_of_each_region():

@@ -13,11 +13,11 @@ import torch
 from monai.transforms import LoadImage
 
 from medflare.data.datalist import DataError, load_items, read_datalist
-from medflare.inference.inputs import Case, segmentation_cases
-from medflare.inference.segmentation import Segmenter, dice_rows, image_spec, segment_cases
-from medflare.metrics import evaluate_segmentation
-from medflare.provenance import ProvenanceError
-from medflare.trained_model import load_checkpoint
+from medflare.artefacts.inference.inputs import Case, segmentation_cases
+from medflare.artefacts.inference.segmentation import Segmenter, dice_rows, image_spec, segment_cases
+from medflare.segmentation.metrics import evaluate_segmentation
+from medflare.artefacts.provenance import ProvenanceError
+from medflare.artefacts.trained_model import load_checkpoint
 
 from trained_models import briefly_trained_model, nifti, segmentation_persistor, write_checkpoint
 

@@ -35,11 +35,11 @@ def test_stale_copy_is_detected(tmp_path):
     (app / "config").mkdir(parents=True)
     shutil.copytree(os.path.join(REPO, "custom", "medflare"), app / "custom" / "medflare")
     assert differences(str(app)) == []
-    with open(app / "custom" / "medflare" / "metrics.py", "a") as f:
+    with open(app / "custom" / "medflare" / "segmentation" / "metrics.py", "a") as f:
         f.write("\n# local edit\n")
     (app / "custom" / "medflare" / "extra.py").write_text("")
     diffs = differences(str(app))
-    assert any("metrics.py: differs" in d for d in diffs) and any("extra.py" in d for d in diffs)
+    assert any("segmentation/metrics.py: differs" in d for d in diffs) and any("extra.py" in d for d in diffs)
 
 
 def _paths(node):

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from medflare.flare_config import Component, JobConfigError, check_component
-from medflare.jobspec import JOBS, folder_differences, get_job, job_files, write_job
+from flare_config import Component, JobConfigError, check_component
+from jobspec import JOBS, folder_differences, get_job, job_files, write_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -56,7 +56,7 @@ def test_changes_keep_meta_server_and_sites_consistent(tmp_path):
 
 def test_generator_refuses_unknown_classes_and_arguments():
     with pytest.raises(JobConfigError, match="cannot import"):
-        check_component(Component("medflare.aggregators.NoSuchAggregator"))
+        check_component(Component("medflare.flare.aggregators.NoSuchAggregator"))
     with pytest.raises(JobConfigError, match=r"takes no argument \['qq'\]"):
         job_files(get_job("fedism").with_changes(aggregator_args={"qq": 1.0}))
     with pytest.raises(JobConfigError, match="no_such_setting"):

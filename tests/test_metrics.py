@@ -5,7 +5,8 @@ from monai.data import Dataset
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from medflare.metrics import add_dice, dice_metric, evaluate_segmentation, fairness_summary
+from medflare.segmentation.metrics import add_dice, dice_metric, evaluate_segmentation
+from medflare.common.summaries import fairness_summary
 
 
 def _numpy_dice(pred, target, num_classes):

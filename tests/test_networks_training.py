@@ -2,9 +2,10 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from medflare.networks import FeatureUNet, build_model
-from medflare.persistors import CheckpointError, check_finite_state
-from medflare.training import SegmentationTrainer, fedprox_term
+from medflare.segmentation.networks import FeatureUNet
+from medflare.networks import build_model
+from medflare.flare.persistors import CheckpointError, check_finite_state
+from medflare.segmentation.training import SegmentationTrainer, fedprox_term
 from toys import square_dataset
 
 

@@ -11,13 +11,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.executors import DittoExecutor, SegmentationExecutor
-from medflare.jobspec import get_job
+from medflare.flare.executors import DittoExecutor, SegmentationExecutor
+from jobspec import get_job
 from medflare.keys import SITE_REPORT_KEY
-from medflare.networks import build_model, head_keys, norm_layer_keys
-from medflare.personalization import (PersonalHeadTrainer, ProximalPersonalTrainer, prediction_inconsistency,
-                                      proximal_pull, site_private_keys, weighted_dice_ce)
-from medflare.training import SegmentationTrainer
+from medflare.networks import build_model
+from medflare.segmentation.networks import head_keys, norm_layer_keys
+from medflare.algorithms.personalization import (PersonalHeadTrainer, ProximalPersonalTrainer, prediction_inconsistency,
+                                                 proximal_pull, site_private_keys, weighted_dice_ce)
+from medflare.segmentation.training import SegmentationTrainer
 from toys import square_dataset
 
 from test_executors import SMALL, _train_task

@@ -37,7 +37,7 @@ import torch
 from flare_processes import (REPO, error_lines, grep_logs, isolated_env, kill_participant, restart_kit, start_kit,
                              stop_all, wait_for_clients)
 from flare_runs import load_checkpoint_into_model
-from medflare.resume import RESUME_FILE, load_resume_state
+from medflare.flare.resume import RESUME_FILE, load_resume_state
 from processes import ProcessTracker, cmdline
 from stage_job import stage_job
 

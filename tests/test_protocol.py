@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from medflare.alignment import DomainAdversarialTrainer, confusion_loss, domain_accuracy
-from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data
+from medflare.algorithms.alignment import DomainAdversarialTrainer, confusion_loss, domain_accuracy
+from medflare.data import ImageSpec
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.data import load_site_data
 from medflare.data.site_config import SiteDataConfig
-from medflare.data.synthetic import make_site_arrays, write_site_dataset
-from medflare.executors.base import configure_torch
-from medflare.networks import DomainHeadUNet, FeatureUNet, build_model
-from medflare.probe import linear_probe_accuracy
-from medflare.results import RunSummary, held_out_summary
-from medflare.stability import round_stability
-from medflare.training import SegmentationTrainer, round_lr
+from medflare.segmentation.synthetic import make_site_arrays, write_site_dataset
+from medflare.flare.executors.base import configure_torch
+from medflare.segmentation.networks import DomainHeadUNet, FeatureUNet
+from medflare.networks import build_model
+from probe import linear_probe_accuracy
+from medflare.common.results import RunSummary, held_out_summary
+from medflare.common.summaries import round_stability
+from medflare.segmentation.training import SegmentationTrainer, round_lr
 from toys import square_dataset
 
 
@@ -257,7 +260,7 @@ def test_domain_trainer_refuses_models_without_head_and_bad_index():
 
 
 def test_paired_difference_interval():
-    from medflare.statistics import paired_difference, t_quantile_975
+    from paired_stats import paired_difference, t_quantile_975
 
     d = paired_difference([0.6, 0.7, 0.65, 0.62, 0.68], [0.5, 0.55, 0.6, 0.5, 0.6])
     diffs = np.array([0.1, 0.15, 0.05, 0.12, 0.08])

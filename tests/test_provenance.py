@@ -12,19 +12,19 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-from medflare import provenance as prov
-from medflare.trained_model import load_checkpoint
+from medflare.artefacts import provenance as prov
+from medflare.artefacts.trained_model import load_checkpoint
 
 from trained_models import segmentation_persistor, write_checkpoint
 
 SERVER_CONFIG = {
     "num_rounds": 20,
-    "workflows": [{"id": "sag", "path": "medflare.workflows.MetricsScatterAndGather",
+    "workflows": [{"id": "sag", "path": "medflare.flare.workflows.MetricsScatterAndGather",
                    "args": {"num_rounds": "{num_rounds}", "min_clients": 3}}],
-    "components": [{"id": "aggregator", "path": "medflare.aggregators.WeightedAggregator", "args": {}},
-                   {"id": "persistor", "path": "medflare.persistors.ModelPersistor", "args": {}}],
+    "components": [{"id": "aggregator", "path": "medflare.flare.aggregators.WeightedAggregator", "args": {}},
+                   {"id": "persistor", "path": "medflare.flare.persistors.ModelPersistor", "args": {}}],
 }
-CLIENT_CONFIG = {"executors": [{"tasks": ["train"], "executor": {"path": "medflare.executors.SegmentationExecutor",
+CLIENT_CONFIG = {"executors": [{"tasks": ["train"], "executor": {"path": "medflare.flare.executors.SegmentationExecutor",
                                                                   "args": {"fedprox_mu": 0.01}}}]}
 CROSS_SITE = {"site-1": {"SRV_FL_global_model.pt": {"dice": 0.7, "dice_organ": 0.8},
                          "SRV_best_FL_global_model.pt": {"dice": 0.6}, "site-2": {"dice": 0.4}},
@@ -33,9 +33,9 @@ CROSS_SITE = {"site-1": {"SRV_FL_global_model.pt": {"dice": 0.7, "dice_organ": 0
 
 def test_method_record_resolves_the_job_configs():
     method = prov.method_record(SERVER_CONFIG, CLIENT_CONFIG)
-    assert method["executor"] == {"path": "medflare.executors.SegmentationExecutor", "args": {"fedprox_mu": 0.01}}
+    assert method["executor"] == {"path": "medflare.flare.executors.SegmentationExecutor", "args": {"fedprox_mu": 0.01}}
     assert method["workflow"]["args"]["num_rounds"] == 20  # the "{num_rounds}" placeholder, resolved
-    assert method["aggregator"]["path"] == "medflare.aggregators.WeightedAggregator"
+    assert method["aggregator"]["path"] == "medflare.flare.aggregators.WeightedAggregator"
     assert "shareable_generator" not in method and prov.method_record(SERVER_CONFIG, None)["executor"] == {}
 
 

@@ -195,7 +195,7 @@ def test_site_allow_list_refuses_job_without_shipped_code(federation):
         job_id, meta = federation.run_job(LEAD, job)
         assert meta["status"] != "FINISHED:COMPLETED", meta
         refusals = grep_logs(federation.site_job_logs(job_id), "is not in allow_list")
-        assert any("hospital-b" in r and "'medflare.executors.SegmentationExecutor'" in r for r in refusals), refusals
+        assert any("hospital-b" in r and "'medflare.flare.executors.SegmentationExecutor'" in r for r in refusals), refusals
         assert not grep_logs([os.path.join(federation.kit("hospital-a"), job_id)], "is not in allow_list")
     finally:
         federation.install("hospital-b", install_code=True)

@@ -13,8 +13,8 @@ import torch
 
 from flare_runs import REPO, error_lines, prepare_job, run_simulator
 from medflare.keys import AGGREGATOR_STATE_KEY as STATE_KEY
-from medflare.resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state,
-                             save_resume_state, summary_before)
+from medflare.flare.resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state,
+                                   save_resume_state, summary_before)
 
 sys.path.insert(0, os.path.join(REPO, "deploy"))
 from resume_job import resume_job, set_resume_from  # noqa: E402

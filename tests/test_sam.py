@@ -1,4 +1,4 @@
-"""GSAM step and the sharpness probe (medflare.sam)."""
+"""GSAM step and the sharpness probe (medflare.algorithms.sam)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medflare.sam import GSAM, LogitAdjustedCE, fedism_plus_rho, sharpness
+from medflare.algorithms.sam import GSAM, LogitAdjustedCE, fedism_plus_rho, sharpness
 
 
 class Quadratic(nn.Module):

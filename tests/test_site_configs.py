@@ -17,7 +17,7 @@ from local_project import free_port, localize, write_local_project
 from stage_job import StageError, stage_job
 
 INSTALL = os.path.join(REPO, "site_configs", "install_site.py")
-MEDFLARE_CLASS = "medflare.executors.SegmentationExecutor"
+MEDFLARE_CLASS = "medflare.flare.executors.SegmentationExecutor"
 
 
 def _provision(project_src: str, root: str) -> str:
@@ -105,7 +105,7 @@ def test_client_install_writes_the_site_files(kits):
 
 
 def test_site_policy_is_read_by_medflare(kits):
-    from medflare.site_policy import read_site_policy
+    from medflare.flare.site_policy import read_site_policy
 
     kit = kits["hospital-a"]
     local = os.path.join(kit, "local")
@@ -119,7 +119,7 @@ def test_site_policy_is_read_by_medflare(kits):
 
 def test_site_data_config_is_read_by_medflare(kits, tmp_path):
     from medflare.data.site_config import resolve_site_config
-    from medflare.data.synthetic import DEFAULT_MODALITIES
+    from medflare.segmentation.synthetic import DEFAULT_MODALITIES
 
     kit = kits["hospital-a"]
     data = tmp_path / "data"
@@ -288,7 +288,7 @@ def test_install_code_copies_the_package_and_removes_it_again(kits):
     kit = kits["localhost"]
     install(kit, {"install_code": True})
     code = os.path.join(kit, "local", "custom", "medflare")
-    assert os.path.isfile(os.path.join(code, "executors", "segmentation.py"))
+    assert os.path.isfile(os.path.join(code, "flare", "executors", "segmentation.py"))
     assert not [d for d, _, _ in os.walk(code) if d.endswith("__pycache__")]
     install(kit, {"install_code": False})
     assert not os.path.exists(code) and os.path.isdir(os.path.join(kit, "local", "custom"))
@@ -338,7 +338,7 @@ def test_stage_job_shipped_and_site_code(tmp_path):
     server = _json(os.path.join(shipped, "app", "config", "config_fed_server.json"))
     assert (server["num_rounds"], server["min_clients"]) == (1, 2)
     client = _json(os.path.join(shipped, "app", "config", "config_fed_client.json"))
-    from medflare.jobspec import SEGMENTATION_BENCHMARK
+    from jobspec import SEGMENTATION_BENCHMARK
 
     # the given settings replace the job's, the job's others stay
     assert client["executors"][0]["executor"]["args"]["synthetic"] == {**SEGMENTATION_BENCHMARK, "n_train": 8,

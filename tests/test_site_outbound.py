@@ -12,13 +12,13 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
-from medflare.executors import (AdversarialAlignmentExecutor, ClassificationExecutor, DittoExecutor,
-                                SegmentationExecutor)
-from medflare.keys import (AGGREGATION_WEIGHTS_KEY, AGGREGATOR_STATE_KEY, PEER_SITE_KEY, SITE_REPORT_KEY,
-                           SITE_WEIGHT_KEY)
-from medflare.networks import FeatureUNet, build_model
-from medflare.site_policy import parse_site_policy
-from medflare.site_view import site_view
+from medflare.flare.executors import (AdversarialAlignmentExecutor, ClassificationExecutor, DittoExecutor,
+                                      SegmentationExecutor)
+from medflare.keys import AGGREGATION_WEIGHTS_KEY, AGGREGATOR_STATE_KEY, PEER_SITE_KEY, SITE_REPORT_KEY, SITE_WEIGHT_KEY
+from medflare.segmentation.networks import FeatureUNet
+from medflare.networks import build_model
+from medflare.flare.site_policy import parse_site_policy
+from medflare.flare.site_view import site_view
 
 SEG = {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4}, "batch_size": 4}
 CLS = {"synthetic": {"n_train": 16, "n_val": 8, "n_test": 8, "seed": 0}, "batch_size": 8, "global_test_sites": [],

@@ -4,13 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from medflare.data.synthetic import (
-    MODALITIES,
-    SyntheticSegConfig,
-    ensure_site_dataset,
-    make_site_arrays,
-    write_benchmark,
-)
+from medflare.segmentation.synthetic import (MODALITIES, SyntheticSegConfig, ensure_site_dataset, make_site_arrays,
+                                             write_benchmark)
 
 SMALL = SyntheticSegConfig(n_train=12, n_val=6)
 

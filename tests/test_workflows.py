@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 
-from medflare.classification.reporting import FairnessScatterAndGather
-from medflare.workflows import CrossSiteEvaluation, MetricsScatterAndGather, RingRelayScatterAndGather
+from medflare.flare.fairness_workflow import FairnessScatterAndGather
+from medflare.flare.workflows import CrossSiteEvaluation, MetricsScatterAndGather, RingRelayScatterAndGather
 
 IDS = {"aggregator_id": "aggregator", "persistor_id": "persistor", "shareable_generator_id": "shareable_generator"}
 

@@ -1,7 +1,7 @@
 """Trained checkpoints for fast tests, written by the persistor's own save path (no FLARE run).
 
-The network comes from :class:`medflare.persistors.ModelPersistor`, the preprocessing record from the
-job's executor (:func:`medflare.provenance.executor_preprocessing`, as the persistor reads it at the server), and the
+The network comes from :class:`medflare.flare.persistors.ModelPersistor`, the preprocessing record from the
+job's executor (:func:`medflare.artefacts.provenance.executor_preprocessing`, as the persistor reads it at the server), and the
 file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
 """
 
@@ -15,12 +15,12 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-from medflare.data import SyntheticSegConfig
+from medflare.segmentation.synthetic import SyntheticSegConfig
 from medflare.data.datalist import load_items, read_datalist
-from medflare.data.synthetic import ensure_site_dataset
-from medflare.persistors import ModelPersistor
-from medflare.provenance import executor_preprocessing
-from medflare.trained_model import load_checkpoint
+from medflare.segmentation.synthetic import ensure_site_dataset
+from medflare.flare.persistors import ModelPersistor
+from medflare.artefacts.provenance import executor_preprocessing
+from medflare.artefacts.trained_model import load_checkpoint
 
 
 def write_checkpoint(path: str, persistor: ModelPersistor, model_name: str = "global",
@@ -37,7 +37,7 @@ def write_checkpoint(path: str, persistor: ModelPersistor, model_name: str = "gl
 def segmentation_persistor(executor_args: Optional[Dict[str, Any]] = None,
                            model: Optional[Dict[str, Any]] = None, seed: int = 0) -> ModelPersistor:
     """A persistor whose model fits a ``SegmentationExecutor(**executor_args)`` and records its preprocessing."""
-    from medflare.executors import SegmentationExecutor
+    from medflare.flare.executors import SegmentationExecutor
 
     executor = SegmentationExecutor(**(executor_args or {}))
     spec = {"name": executor.model_name, **executor.model_args, **(model or {})}
@@ -55,8 +55,8 @@ def synthetic_datalist(size: int = 48, n_train: int = 16, n_test: int = 6, spati
 
 def train_briefly(persistor: ModelPersistor, datalist: str, epochs: int = 3) -> None:
     """A few epochs of local training on a datalist's training list, so that Dice scores are not trivial."""
-    from medflare.inference.segmentation import image_spec
-    from medflare.training import SegmentationTrainer
+    from medflare.artefacts.inference.segmentation import image_spec
+    from medflare.segmentation.training import SegmentationTrainer
 
     dataset = load_items(read_datalist(datalist, "training"), image_spec(persistor.preprocessing), cache=True)
     trainer = SegmentationTrainer(persistor.model, torch.device("cpu"), lr=0.03, optimizer="sgd")

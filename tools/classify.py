@@ -18,9 +18,9 @@ import time
 
 from model_cli import add_device_argument, add_model_arguments, device, load_model, progress, run_main
 
-from medflare.inference.classification import Classifier, accuracy
-from medflare.inference.inputs import classification_cases
-from medflare.results import write_csv
+from medflare.artefacts.inference.classification import Classifier, accuracy
+from medflare.artefacts.inference.inputs import classification_cases
+from medflare.common.results import write_csv
 
 
 def parse_args() -> argparse.Namespace:

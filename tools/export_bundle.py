@@ -16,7 +16,7 @@ import argparse
 
 from model_cli import add_model_arguments, load_model, run_main
 
-from medflare.bundle import export_bundle, verify_bundle
+from medflare.artefacts.bundle import export_bundle, verify_bundle
 
 
 def parse_args() -> argparse.Namespace:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "custom"))
 
-from medflare.jobspec import get_job, write_job  # noqa: E402
+from jobspec import get_job, write_job  # noqa: E402
 
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 

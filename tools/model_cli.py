@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 
 from medflare.data.datalist import DataError  # noqa: E402
-from medflare.provenance import ProvenanceError  # noqa: E402
-from medflare.trained_model import TrainedModel, load_trained_model  # noqa: E402
+from medflare.artefacts.provenance import ProvenanceError  # noqa: E402
+from medflare.artefacts.trained_model import TrainedModel, load_trained_model  # noqa: E402
 
 USER_ERRORS = (DataError, ProvenanceError, FileNotFoundError, ValueError)
 

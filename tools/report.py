@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom"))
 
-from medflare.results import SUMMARY_FILE, format_matrix  # noqa: E402
+from medflare.common.results import SUMMARY_FILE, format_matrix  # noqa: E402
 
 
 def find_summary(path: str) -> str:

@@ -19,9 +19,9 @@ import time
 
 from model_cli import add_device_argument, add_model_arguments, device, load_model, progress, run_main
 
-from medflare.inference.inputs import segmentation_cases
-from medflare.inference.segmentation import CaseResult, Segmenter, dice_rows, segment_cases
-from medflare.results import write_csv
+from medflare.artefacts.inference.inputs import segmentation_cases
+from medflare.artefacts.inference.segmentation import CaseResult, Segmenter, dice_rows, segment_cases
+from medflare.common.results import write_csv
 
 
 def parse_args() -> argparse.Namespace:

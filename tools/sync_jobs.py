@@ -21,8 +21,8 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "custom"))
 
-from medflare.flare_config import PACKAGE  # noqa: E402
-from medflare.jobspec import JOBS, folder_differences, write_job  # noqa: E402
+from flare_config import PACKAGE  # noqa: E402
+from jobspec import JOBS, folder_differences, write_job  # noqa: E402
 
 SOURCE = os.path.join(ROOT, "custom", PACKAGE)
 JOBS_DIR = os.path.join(ROOT, "jobs")

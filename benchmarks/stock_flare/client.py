@@ -13,10 +13,12 @@ import argparse
 import nvflare.client as flare
 import torch
 
-from medflare.data import ImageSpec, SyntheticSegConfig, load_site_data, resolve_site_config
-from medflare.metrics import evaluate_segmentation
+from medflare.data import ImageSpec, resolve_site_config
+from medflare.segmentation.synthetic import SyntheticSegConfig
+from medflare.segmentation.data import load_site_data
+from medflare.segmentation.metrics import evaluate_segmentation
 from medflare.networks import build_model
-from medflare.training import SegmentationTrainer
+from medflare.segmentation.training import SegmentationTrainer
 
 
 def main() -> None:

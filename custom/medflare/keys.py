@@ -8,7 +8,7 @@ carries, who writes and who reads it:
 * :data:`AGGREGATION_WEIGHTS_KEY` and :data:`AGGREGATOR_STATE_KEY`: every site's weight in the last aggregation
   and a fairness rule's state, kept in the global model's meta by the aggregators; the server only.
 * :data:`SITE_WEIGHT_KEY`: the receiving site's own weight of the last aggregation (the only part of the above a
-  site sees, see :mod:`medflare.site_view`; FedCE's minus model uses it).
+  site sees, see :mod:`medflare.flare.site_view`; FedCE's minus model uses it).
 * :data:`PEER_SITE_KEY`: whose encoder the ring relay sends a site (FedDA-cyclic).
 * :data:`FEATURE_STATS_KEY`: a site's per-class encoder feature statistics (FedDA statistics mode; executor ->
   controller), and :data:`PEER_FEATURE_STATS_KEY`: the other sites' statistics of the previous round
@@ -18,7 +18,7 @@ carries, who writes and who reads it:
 from __future__ import annotations
 
 MEDFLARE_PREFIX = "medflare_"
-"""Prefix of every medflare meta key (:mod:`medflare.site_view` filters on it)."""
+"""Prefix of every medflare meta key (:mod:`medflare.flare.site_view` filters on it)."""
 
 SITE_REPORT_KEY = "medflare_report"
 """Meta key of the documented scalars a site sends with its weights."""
@@ -33,7 +33,7 @@ PEER_SITE_KEY = "medflare_peer_site"
 
 FEATURE_STATS_KEY = "medflare_feature_stats"
 """Result meta key: ``{"mean": [[...]], "var": [[...]], "count": [...]}``, per-class means and variances of the
-bottleneck features of the received global model on the site's training images (see :mod:`medflare.feature_stats`)."""
+bottleneck features of the received global model on the site's training images (see :mod:`medflare.algorithms.feature_stats`)."""
 PEER_FEATURE_STATS_KEY = "medflare_peer_feature_stats"
 """Task meta key: ``{site name: statistics}`` of every other site, as they reported them in the previous round."""
 

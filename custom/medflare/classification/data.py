@@ -101,7 +101,7 @@ def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: Synthetic
                             f"this job's benchmark has {list(synthetic.qualities)}")
         return _synthetic(synthetic, list(synthetic.qualities).index(quality), site, path, with_global_test,
                           cache_dir)
-    from .loaders import items_dataset, source_lists, source_window  # real data only
+    from .loaders import items_dataset, source_lists, source_window
 
     base = os.path.dirname(os.path.abspath(path))
     try:

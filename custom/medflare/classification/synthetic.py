@@ -44,8 +44,8 @@ import torch
 from monai.data.synthetic import create_test_image_2d
 from monai.transforms import GaussianSmooth, Resize
 
-from ..atomic import atomic_write
-from ..data.synthetic import default_cache_dir
+from ..common.atomic import atomic_write
+from ..segmentation.synthetic import default_cache_dir
 
 NUM_CLASSES = 4
 CLASS_NAMES = ("none", "disc", "ring", "cluster")

@@ -18,8 +18,8 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..sam import GSAM, LogitAdjustedCE
-from ..training import TrainResult, run_epochs
+from ..algorithms.sam import GSAM, LogitAdjustedCE
+from ..segmentation.training import TrainResult, run_epochs
 
 
 class ArrayDataset(Dataset):
