@@ -3,7 +3,7 @@
 ScatterAndGather drives them, without messaging.
 
 A job of the fairness suite (``jobs/fedism``, ``jobs/fedavg_cls``...) is built from its spec
-(:mod:`medflare.jobspec`) exactly as its FLARE config is written; the components of that config are instantiated
+(``tools/jobspec.py``) exactly as its FLARE config is written; the components of that config are instantiated
 here, one executor per site (each with its own app folder for client state), and every round goes through the same
 calls as in FLARE: the global model to a train task (``learnable_to_shareable``), each site's restricted view of it
 (:func:`medflare.flare.site_view.site_view`), ``execute("train")``, the controller's metric check

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage a job folder of ``jobs/`` for submission to a running FLARE system (POC or production).
 
-The staged job is written from the job's spec (:mod:`medflare.jobspec`) with the changes asked for; it is what
+The staged job is written from the job's spec (``tools/jobspec.py``) with the changes asked for; it is what
 ``nvflare job submit -j`` uploads. Its ``deploy_map`` targets ``@ALL`` sites (the system's sites have their own
 names), and the folder given must equal what the spec generates (``python tools/sync_jobs.py --check``), so the
 staged job is the job the folder shows. Two ways to get the code to the sites:
@@ -76,7 +76,7 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
         num_rounds: rounds of training.
         min_clients: sites every round waits for (``min_clients`` of ``meta.json`` and the server config).
         server_args: the same as keys of ``config_fed_server.json``: ``num_rounds``, ``min_clients``, ``server``.
-        executor_args: merged into the executor's arguments (see :func:`medflare.jobspec.merge_args`).
+        executor_args: merged into the executor's arguments (see ``merge_args`` in ``tools/jobspec.py``).
         cross_site_local_models: keep the job's cross-site evaluation of the sites' local models (default: switch
             it off, see the module docstring).
     """

@@ -1,4 +1,4 @@
-"""The job folders are generated from one spec (medflare.jobspec); the generator checks classes and arguments."""
+"""The job folders are generated from one spec (tools/jobspec.py); the generator checks classes and arguments."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from sync_jobs import config_differences  # noqa: E402
 
 def test_committed_jobs_are_what_the_spec_generates():
     stale = config_differences()
-    assert not stale, f"job folders differ from medflare.jobspec (run python tools/sync_jobs.py): {stale}"
+    assert not stale, f"job folders differ from tools/jobspec.py (run python tools/sync_jobs.py): {stale}"
 
 
 def _server(spec):

@@ -198,7 +198,7 @@ def persistor_model(executor: Component) -> Dict[str, Any]:
 
 def job_files(spec: JobSpec) -> Dict[str, Dict[str, Any]]:
     """The job folder's config files, ``{path relative to the job folder: content}``, after checking every class
-    and argument (raises :class:`~medflare.flare_config.JobConfigError`)."""
+    and argument (raises :class:`flare_config.JobConfigError`)."""
     executor = spec.executor.with_args(seed=spec.seed)
     persistor = Component(PERSISTOR, {"model": persistor_model(executor), "seed": spec.seed})
     metric = {"key_metric": spec.key_metric}

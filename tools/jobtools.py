@@ -20,7 +20,7 @@ def copy_job(name: str, dest: str, num_rounds: Optional[int] = None,
              client_args: Optional[Dict[str, Any]] = None, server_args: Optional[Dict[str, Any]] = None,
              aggregator_args: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
              n_sites: Optional[int] = None) -> str:
-    """Write the job ``name`` of :data:`medflare.jobspec.JOBS`, changed, to ``dest/<name>`` with a fresh copy of
+    """Write the job ``name`` of ``JOBS`` (``tools/jobspec.py``), changed, to ``dest/<name>`` with a fresh copy of
     ``custom/medflare``; returns the job folder. Its ``deploy_map`` targets ``@ALL`` sites, so it runs with any
     ``-n``.
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Generate the job folders under ``jobs/`` from the spec (:mod:`medflare.jobspec`) and ship the code in each.
+"""Generate the job folders under ``jobs/`` from the spec (``tools/jobspec.py``) and ship the code in each.
 
-A job folder is ``meta.json`` plus ``app/config/*.json``, written from :data:`medflare.jobspec.JOBS` (committed), and
+A job folder is ``meta.json`` plus ``app/config/*.json``, written from ``JOBS`` in ``tools/jobspec.py`` (committed), and
 ``app/custom/medflare``, a copy of the single source of the code, ``custom/medflare`` (git-ignored: FLARE ships a
 job's ``app/custom`` folder with the job, and its zip drops directory symlinks, so each job needs a real copy).
-Edit ``custom/medflare`` (the spec included) only, then run this script (the README's setup runs it).
+Edit ``custom/medflare`` and ``tools/jobspec.py`` only, then run this script (the README's setup runs it).
 
     python tools/sync_jobs.py           # write every job's configs and code
     python tools/sync_jobs.py --check   # exit 1, listing differences, if a job differs from the spec or the code
@@ -66,7 +66,7 @@ def config_differences(jobs_dir: str = JOBS_DIR) -> Dict[str, List[str]]:
     """``{job: files}`` whose committed text differs from what the spec generates (jobs missing or not in the spec
     included)."""
     found = {name for name in os.listdir(jobs_dir) if os.path.isfile(os.path.join(jobs_dir, name, "meta.json"))}
-    stale = {name: ["not in medflare.jobspec.JOBS"] for name in sorted(found - set(JOBS))}
+    stale = {name: ["not in JOBS of tools/jobspec.py"] for name in sorted(found - set(JOBS))}
     for name, spec in JOBS.items():
         diffs = folder_differences(spec, os.path.join(jobs_dir, name))
         if diffs:

@@ -49,7 +49,7 @@ class ModelPersistor(PTFileModelPersistor):
 
     Args:
         model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`); the job spec
-            derives it from the executor's settings (:func:`medflare.jobspec.persistor_model`).
+            derives it from the executor's settings (``persistor_model`` in ``tools/jobspec.py``).
         seed: seed of the initial weights, so that runs of different methods start from the same model.
         preprocessing: the sites' preprocessing settings to record (see :func:`medflare.artefacts.provenance.executor_preprocessing`);
             ``None`` (default) reads them from the job's client config.

@@ -118,7 +118,9 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
             return super().unpack_train_data(dxo.data["global"])
         return super().unpack_train_data(dxo)
 
-    def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
+    def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
+        """The round's adversarial weight and alignment target (peer encoder, global encoder or peer statistics)."""
+        super().before_training(dxo, round_num, num_rounds, fl_ctx)
         self.trainer.current_weight = adversarial_weight(round_num, self.adv_weight, self.warmup_rounds)
         if self.mode == "stats":
             self._prepare_statistics(round_num, fl_ctx)
@@ -165,15 +167,25 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
             return {FEATURE_STATS_KEY: self._own_stats.to_report()}
         return {}
 
-    def round_report(self) -> Dict[str, Any]:
-        """``domain_acc`` of the received model (domain mode), measured before local training."""
-        if self.mode != "domain":
-            return {}
-        return {"domain_acc": domain_accuracy(self.model, self.data.val, self.trainer.domain_index, self.device)}
+    def assess_global_model(self, dxo: DXO, global_weights: Dict[str, Any], round_num: int,
+                            num_rounds: Optional[int], fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Adds ``domain_acc`` of the received model (domain mode), measured before local training."""
+        global_metrics, received = super().assess_global_model(dxo, global_weights, round_num, num_rounds, fl_ctx)
+        if self.mode == "domain":
+            received["domain_acc"] = domain_accuracy(self.model, self.data.val, self.trainer.domain_index,
+                                                     self.device)
+        return global_metrics, received
 
-    def extra_state(self) -> Dict[str, Any]:
-        return self.trainer.state_dict() if self.mode in ("target", "stats") else {}
+    def state_dict(self) -> Dict[str, Any]:
+        """Adds the discriminator and its optimiser (target and statistics modes), under ``"extra"``."""
+        state = super().state_dict()
+        if self.mode in ("target", "stats"):
+            state["extra"] = self.trainer.state_dict()
+        return state
 
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        if state and self.mode in ("target", "stats"):
-            self.trainer.load_state_dict(state)
+    def load_state(self, state: Dict[str, Any]) -> str:
+        restored = super().load_state(state)
+        if state.get("extra") and self.mode in ("target", "stats"):
+            self.trainer.load_state_dict(state["extra"])
+            restored += ", discriminator"
+        return restored

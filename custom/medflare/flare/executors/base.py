@@ -39,9 +39,29 @@ class SiteExecutor(Executor):
     task is logged and returned as ``EXECUTION_EXCEPTION``.
 
     A ``train`` task runs :meth:`_train`: load the received global model (:meth:`unpack_train_data`), measure it
-    (:meth:`assess_global_model`), :meth:`before_training`, the trainer's local epochs, :meth:`local_metrics`, keep
-    the local model and the client state (the local weights, the optimiser, :meth:`round_state`), and send
-    :meth:`trained_report` with the weights.
+    (:meth:`assess_global_model`), :meth:`before_training`, the trainer's local epochs, :meth:`local_metrics`,
+    :meth:`after_training`, keep the local model and the client state (:meth:`state_dict`), and send
+    :meth:`trained_report` and :meth:`result_meta` with the weights.
+
+    The hooks, one layer of them, each extended by a subclass with ``super()``:
+
+    ============================  ===========================================================================
+    hook                          what a subclass adds there
+    ============================  ===========================================================================
+    :meth:`load_data`,            the site's datasets; moving them to the device
+    :meth:`place_data`
+    :meth:`create_trainer`        the local objective (adversarial alignment, GSAM, Ditto, site-local heads)
+    :meth:`unpack_train_data`     richer payloads (FedDA's peer encoder and peer statistics)
+    :meth:`assess_global_model`   what is measured on the received model (Dice, domain accuracy, sharpness)
+    :meth:`before_training`       per-round settings (learning rate, alignment targets, SAM radius)
+    :meth:`after_training`        work after local training (a personal model), its scalars
+    :meth:`trained_report`,       the documented scalars and meta entries sent with the weights
+    :meth:`result_meta`
+    :meth:`state_dict`,           what the client state file keeps across worker restarts (optimiser, round,
+    :meth:`load_state`            discriminator, personal model)
+    :meth:`site_local_keys`,      what never leaves the site; which model cross-site evaluation receives
+    :meth:`deployed_weights`
+    ============================  ===========================================================================
 
     Subclasses set, in their constructor, ``model_name``, ``model_args``, ``seed``, ``num_threads``,
     ``device_name``, ``local_epochs`` and ``batch_size``, and implement the hooks that raise ``NotImplementedError``.
@@ -170,14 +190,6 @@ class SiteExecutor(Executor):
         statistics)."""
         return {}
 
-    def round_state(self) -> Dict[str, Any]:
-        """Client state besides the local weights and the optimiser (e.g. the round, a discriminator)."""
-        return {}
-
-    def load_round_state(self, state: Dict[str, Any]) -> str:
-        """Restore what :meth:`round_state` returned; returns what was restored, for the log."""
-        return ""
-
     def _validation_metrics(self) -> Dict[str, float]:
         """Metrics of the current model on this site's evaluation split (must include ``key_metric``)."""
         raise NotImplementedError
@@ -281,15 +293,16 @@ class SiteExecutor(Executor):
         return out.to_shareable()
 
     def state_dict(self) -> Dict[str, Any]:
-        """The client state to keep across worker restarts (tensors and plain values only)."""
+        """The client state to keep across worker restarts (tensors and plain values only): the last local weights
+        and the optimiser; subclasses add theirs (``state_keys`` lists what a state file must hold)."""
         return {"local_weights": {k: torch.as_tensor(v) for k, v in self.local_weights.items()},
-                "optimizer": self.trainer.optimizer.state_dict(), **self.round_state()}
+                "optimizer": self.trainer.optimizer.state_dict()}
 
     def load_state(self, state: Dict[str, Any]) -> str:
         """Apply a state read from the state file; returns what was restored, for the log."""
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.local_weights = {k: v.cpu().numpy() for k, v in state["local_weights"].items()}
-        return self.load_round_state(state)
+        return "local model and optimiser"
 
     def _save_state(self) -> None:
         torch_save_atomic(self.state_dict(), self._state_path())  # a crash leaves the previous file

@@ -136,10 +136,12 @@ class ClassificationExecutor(SiteExecutor):
 
     state_keys = SiteExecutor.state_keys + ("local_round",)
 
-    def round_state(self) -> Dict[str, Any]:
-        return {"local_round": self.local_round}
+    def state_dict(self) -> Dict[str, Any]:
+        """Adds the round of the local model."""
+        return {**super().state_dict(), "local_round": self.local_round}
 
-    def load_round_state(self, state: Dict[str, Any]) -> str:
+    def load_state(self, state: Dict[str, Any]) -> str:
+        super().load_state(state)
         self.local_round = int(state["local_round"])
         return f"local model of round {self.local_round}"
 

@@ -203,20 +203,6 @@ class SegmentationExecutor(SiteExecutor):
         return {"lr": self.lr, "fedprox_mu": self.fedprox_mu, "optimizer": self.optimizer,
                 "reset_optimizer": self.reset_optimizer, "mixed_precision": self.mixed_precision}
 
-    def prepare_round(self, dxo: DXO, round_num: int, fl_ctx: FLContext) -> None:
-        """Called after the global weights are loaded, before local training (e.g. to set alignment targets)."""
-
-    def round_report(self) -> Dict[str, Any]:
-        """Extra documented scalars about the received global model, measured before local training."""
-        return {}
-
-    def extra_state(self) -> Dict[str, Any]:
-        """Extra client state to keep across worker restarts (e.g. a discriminator)."""
-        return {}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
-
     # ------------------------------------------------------------------ template hooks
     def load_data(self, fl_ctx: FLContext) -> None:
         config = resolve_site_config(self.site, self._local_dir, self.synthetic.modalities)
@@ -242,13 +228,14 @@ class SegmentationExecutor(SiteExecutor):
 
     state_keys = SiteExecutor.state_keys + ("rounds_done",)
 
-    def round_state(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, Any]:
+        """Adds the rounds done and, where the site keeps one, its personal model."""
         personal = {} if self.personal_weights is None else {
             "personal_weights": {k: torch.as_tensor(v) for k, v in self.personal_weights.items()}}
-        return {"rounds_done": self.rounds_done, "extra": self.extra_state(), **personal}
+        return {**super().state_dict(), "rounds_done": self.rounds_done, **personal}
 
-    def load_round_state(self, state: Dict[str, Any]) -> str:
-        self.load_extra_state(state.get("extra", {}))
+    def load_state(self, state: Dict[str, Any]) -> str:
+        super().load_state(state)
         if "personal_weights" in state:
             self.personal_weights = {k: v.cpu().numpy() for k, v in state["personal_weights"].items()}
         self.local_round = int(state["rounds_done"]) - 1
@@ -275,17 +262,17 @@ class SegmentationExecutor(SiteExecutor):
 
     def assess_global_model(self, dxo: DXO, global_weights: Dict[str, Any], round_num: int,
                             num_rounds: Optional[int], fl_ctx: FLContext) -> Tuple[Dict[str, float], Dict[str, Any]]:
-        """Validation Dice (model selection), and the test split's Dice plus :meth:`round_report` (reported)."""
+        """Validation Dice (model selection), and the test split's Dice (reported)."""
         global_metrics = self.evaluate()
         global_metrics.pop("n_images", None)
-        received = {**self.test_metrics(), **self.round_report()}
+        received = self.test_metrics()
         self.log_info(fl_ctx, f"round {round_num}/{num_rounds}: global model dice on '{self.site}' = "
                               f"{global_metrics['dice']:.4f} (validation)"
                       + (f", {received['test_dice']:.4f} (test)" if "test_dice" in received else ""))
         return global_metrics, received
 
     def before_training(self, dxo: DXO, round_num: int, num_rounds: Optional[int], fl_ctx: FLContext) -> None:
-        self.prepare_round(dxo, round_num, fl_ctx)
+        """The round's learning rate; keeps the received model where the site fine-tunes it later."""
         self._num_rounds = num_rounds if isinstance(num_rounds, int) else None
         if self._num_rounds is not None:
             self.trainer.set_lr(round_lr(self.lr, self.lr_schedule, round_num, num_rounds))
