@@ -203,10 +203,10 @@ def global_test_scores(executor, synthetic: Dict[str, Any]) -> Dict[str, float]:
     sets."""
     from medflare.classification.data import synthetic_config
     from medflare.classification.synthetic import load_global_test
-    from medflare.classification.training import ArrayDataset
+    from medflare.data.placement import TensorDictDataset
 
     sets = load_global_test(synthetic_config(synthetic))
-    return {name: float(executor.evaluate(ArrayDataset(sets[name], sets["labels"]))["bacc"])
+    return {name: float(executor.evaluate(TensorDictDataset.from_arrays(sets[name], sets["labels"]))["bacc"])
             for name in ("clean", "corrupted")}
 
 

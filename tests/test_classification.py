@@ -9,7 +9,8 @@ import torch
 from medflare.classification import synthetic as syn
 from medflare.classification.data import load_cls_site_data, synthetic_config
 from medflare.flare.fairness_workflow import classification_round_report, fairness_rows
-from medflare.classification.training import (ArrayDataset, ClassificationTrainer, balanced_accuracy,
+from medflare.data.placement import TensorDictDataset
+from medflare.classification.training import (ClassificationTrainer, balanced_accuracy,
                                               classification_metrics, evaluate_classifier, macro_auc)
 from medflare.data import DataError
 from medflare.networks import build_model
@@ -136,10 +137,11 @@ def test_tiny_cnn_learns_the_clean_task(optimizer, tmp_path):
     model = build_model("tiny_cnn")
     trainer = ClassificationTrainer(model, torch.device("cpu"), syn.class_counts(arrays["train_y"]), lr=3e-3,
                                     optimizer=optimizer, rho=0.05)
-    train = ArrayDataset(arrays["train_x"], arrays["train_y"])
-    before = evaluate_classifier(model, ArrayDataset(arrays["val_x"], arrays["val_y"]), torch.device("cpu"))
+    train = TensorDictDataset.from_arrays(arrays["train_x"], arrays["train_y"])
+    val = TensorDictDataset.from_arrays(arrays["val_x"], arrays["val_y"])
+    before = evaluate_classifier(model, val, torch.device("cpu"))
     result = trainer.fit(train, 6, 32)
-    after = evaluate_classifier(model, ArrayDataset(arrays["val_x"], arrays["val_y"]), torch.device("cpu"))
+    after = evaluate_classifier(model, val, torch.device("cpu"))
     assert result.steps == 6 * 5 and after["bacc"] > 0.5 and after["bacc"] > before["bacc"] + 0.15, after
     if optimizer == "gsam":
         assert result.losses["loss_perturbed"] >= result.losses["loss"] - 0.05
@@ -172,9 +174,10 @@ def test_site_test_split_is_new_data_and_leaves_train_and_val_unchanged():
 
 def test_classifier_fresh_optimizer_per_round():
     from medflare.classification.models import TinyCNN
-    from medflare.classification.training import ArrayDataset, ClassificationTrainer
+    from medflare.classification.training import ClassificationTrainer
+    from medflare.data.placement import TensorDictDataset
 
-    data = ArrayDataset(np.random.RandomState(0).normal(size=(8, 1, 32, 32)).astype(np.float32),
+    data = TensorDictDataset.from_arrays(np.random.RandomState(0).normal(size=(8, 1, 32, 32)).astype(np.float32),
                         np.array([0, 1, 2, 3] * 2))
     trainer = ClassificationTrainer(TinyCNN(), torch.device("cpu"), [2, 2, 2, 2], reset_optimizer=True)
     trainer.fit(data, 1, 4)

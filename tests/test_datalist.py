@@ -207,3 +207,21 @@ def test_auto_cache_follows_the_memory_budget(site_dir, monkeypatch):
     assert not isinstance(load_items(items, SPEC, cache="auto"), CheckedDataset)
     monkeypatch.setenv(CACHE_LIMIT_ENV, "0.000001")  # ~1 kB: 6 images of 64x64 do not fit
     assert isinstance(load_items(items, SPEC, cache="auto"), CheckedDataset)
+
+
+@pytest.mark.parametrize("cache", [True, "auto"])
+def test_cached_items_are_loaded_once_each_and_equal_the_lazy_ones(site_dir, monkeypatch, cache):
+    from medflare.data import datalist as dl
+
+    items = read_datalist(site_dir.datalist, "training")
+    loads = []
+    real = dl._load_one
+    monkeypatch.setattr(dl, "_load_one", lambda transform, item: loads.append(item["image"]) or real(transform, item))
+    ds = load_items(items, SPEC, cache=cache)
+    assert isinstance(ds, dl.CheckedCacheDataset)
+    assert sorted(loads) == sorted(i["image"] for i in items)  # every item read exactly once, item 0 included
+    lazy = load_items(items, SPEC, cache=False)
+    for i in range(len(items)):
+        cached, read = ds[i], lazy[i]
+        assert torch.equal(cached["image"], read["image"]) and torch.equal(cached["label"], read["label"])
+    assert len(loads) == len(items) + len(items)  # the cached dataset reads nothing more; the lazy one reads each

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import Dataset
 
-from medflare.data.placement import DeviceTensorDataset, dataset_bytes, loader_options, place_on_device
+from medflare.data.placement import TensorDictDataset, dataset_bytes, loader_options, place_on_device
 from medflare.flare.executors import AdversarialAlignmentExecutor, SegmentationExecutor
 from medflare.segmentation.metrics import evaluate_segmentation
 from medflare.networks import build_model
@@ -25,7 +25,7 @@ def _items(n=6, size=16):
 def test_in_memory_data_is_stacked_on_the_device_when_it_fits():
     items = _items()
     placed = place_on_device(Dataset(items), CPU, budget=dataset_bytes(items))
-    assert isinstance(placed, DeviceTensorDataset) and len(placed) == len(items)
+    assert isinstance(placed, TensorDictDataset) and len(placed) == len(items)
     for k in (0, 5):
         assert torch.equal(placed[k]["image"], items[k]["image"]) and torch.equal(placed[k]["label"], items[k]["label"])
     # and the model scores it exactly as it scores the list of items
@@ -69,4 +69,4 @@ def test_executors_pass_mixed_precision_to_their_trainer(cls, extra, tmp_path):
     ex.start("site-1", str(tmp_path))
     ex._ensure_ready(None)
     assert ex.trainer.mixed_precision is True
-    assert not isinstance(ex.data.train, DeviceTensorDataset)  # a CPU site keeps its data where it is
+    assert not isinstance(ex.data.train, TensorDictDataset)  # a CPU site keeps its data where it is

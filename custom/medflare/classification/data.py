@@ -27,7 +27,7 @@ from ..data.checks import check_keys, check_splits, config_value
 from ..data.datalist import DataError
 from ..data.site_config import read_site_config_file, site_entry, synthetic_site_index
 from .synthetic import SyntheticClsConfig, class_counts, load_global_test, load_site_arrays
-from .training import ArrayDataset
+from ..data.placement import TensorDictDataset
 
 # settings of a site's source that its nested ``test`` and ``global_test`` sources take unless they set their own
 INHERITED_KEYS = ("format", "data_root", "allow_outside_data_root", "classes")
@@ -44,11 +44,11 @@ class ClsSiteData:
     site: str
     source: str
     quality: str
-    train: ArrayDataset
-    val: ArrayDataset
+    train: TensorDictDataset
+    val: TensorDictDataset
     num_classes: int
-    global_test: Dict[str, ArrayDataset] = field(default_factory=dict)
-    test: Optional[ArrayDataset] = None
+    global_test: Dict[str, TensorDictDataset] = field(default_factory=dict)
+    test: Optional[TensorDictDataset] = None
     warnings: List[str] = field(default_factory=list)
 
     @property
@@ -70,11 +70,11 @@ def _synthetic(config: SyntheticClsConfig, index: int, site: str, source: str, w
     test = {}
     if with_test and config.n_test > 0:
         t = load_global_test(config, cache_dir)
-        test = {"clean": ArrayDataset(t["clean"], t["labels"]), "corrupted": ArrayDataset(t["corrupted"], t["labels"])}
+        test = {"clean": TensorDictDataset.from_arrays(t["clean"], t["labels"]), "corrupted": TensorDictDataset.from_arrays(t["corrupted"], t["labels"])}
     return ClsSiteData(site=site, source=source, quality=config.qualities[index],
-                       train=ArrayDataset(arrays["train_x"], arrays["train_y"]),
-                       val=ArrayDataset(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test,
-                       test=ArrayDataset(arrays["test_x"], arrays["test_y"]))
+                       train=TensorDictDataset.from_arrays(arrays["train_x"], arrays["train_y"]),
+                       val=TensorDictDataset.from_arrays(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test,
+                       test=TensorDictDataset.from_arrays(arrays["test_x"], arrays["test_y"]))
 
 
 def load_cls_site_data(site: str, local_dir: Optional[str], synthetic: SyntheticClsConfig, num_classes: int = 4,

@@ -39,7 +39,7 @@ import torch
 
 from ..data.checks import DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label
 from ..data.datalist import DataError
-from .training import ArrayDataset
+from ..data.placement import TensorDictDataset
 
 ICH_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 
@@ -193,12 +193,12 @@ def _split(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarr
 
 
 def items_dataset(items: List[Tuple[str, int]], in_channels: int, spatial_size: Sequence[int],
-                  window: Optional[Sequence[float]] = None) -> ArrayDataset:
+                  window: Optional[Sequence[float]] = None) -> TensorDictDataset:
     """The images and labels of ``(path, label)`` items, read with :func:`read_image`."""
     if not items:
         raise DataError("no images listed")
     images = np.stack([read_image(p, in_channels, spatial_size, window) for p, _ in items])
-    return ArrayDataset(images, np.array([lab for _, lab in items], dtype=np.int64))
+    return TensorDictDataset.from_arrays(images, np.array([lab for _, lab in items], dtype=np.int64))
 
 
 def _listed(entry: Dict[str, Any], base: str, path: str, default_root: str, where: str) -> str:
@@ -327,7 +327,7 @@ def source_window(entry: Dict[str, Any]) -> Optional[Sequence[float]]:
 
 
 def load_source(entry: Dict[str, Any], base: str, num_classes: int, in_channels: int,
-                spatial_size: Sequence[int]) -> Tuple[ArrayDataset, Optional[ArrayDataset]]:
+                spatial_size: Sequence[int]) -> Tuple[TensorDictDataset, Optional[TensorDictDataset]]:
     """Train and validation datasets of a real-data source (validation may be a ``val_fraction`` split)."""
     lists, _ = source_lists(entry, base, num_classes)
     window = source_window(entry)

@@ -1,6 +1,5 @@
 """Local training and evaluation of a classifier (plain PyTorch; no FLARE in this module).
 
-- :class:`ArrayDataset`: in-memory ``{"image", "label"}`` items.
 - :func:`classification_metrics` / :func:`evaluate_classifier`: accuracy, balanced accuracy, macro one-vs-rest
   AUC (over the classes present in the labels; MONAI's ROC AUC, ties counted half) and mean CE.
 - :func:`balanced_accuracy`: mean recall over the classes present in the labels (also used by the inference tool).
@@ -20,22 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..algorithms.sam import GSAM, LogitAdjustedCE
 from ..segmentation.training import TrainResult, run_epochs
-
-
-class ArrayDataset(Dataset):
-    """Images ``(N, C, *spatial)`` and integer labels ``(N,)`` held in memory."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        return {"image": self.images[i], "label": self.labels[i]}
 
 
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> Optional[float]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from monai.data import Dataset, load_decathlon_datalist
+from monai.data import CacheDataset, Dataset, load_decathlon_datalist
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -246,6 +246,38 @@ class CheckedDataset(Dataset):
         return _load_one(self.transform, self.data[index])
 
 
+class CheckedCacheDataset(CacheDataset):
+    """MONAI's :class:`~monai.data.CacheDataset` over loading transforms that are all deterministic: every item is
+    loaded and checked once, up front, by a pool of threads, and kept in memory; errors name the file at fault.
+
+    Args:
+        items: datalist entries with absolute paths.
+        transform: the loading transforms (:func:`build_transforms`).
+        first: ``items[0]`` already loaded (the memory-budget check loads it), so it is not read twice.
+        num_workers: loading threads (default: up to 4, at most the CPU count).
+    """
+
+    def __init__(self, items: Sequence[Dict[str, str]], transform: Compose, first: Optional[Dict[str, Any]] = None,
+                 num_workers: Optional[int] = None) -> None:
+        self._first = first
+        workers = num_workers or max(1, min(4, os.cpu_count() or 1))
+        super().__init__(list(items), transform, num_workers=workers, progress=False, copy_cache=False)
+        self._first = None
+
+    def _load_cache_item(self, idx: int) -> Dict[str, Any]:
+        if idx == 0 and self._first is not None:
+            return self._first
+        return _load_one(self.transform, self.data[idx])
+
+    def _transform(self, index: int) -> Dict[str, Any]:
+        return self._cache[index]  # every transform ran when the item was cached
+
+    @property
+    def loaded_items(self) -> List[Dict[str, Any]]:
+        """The loaded ``{"image", "label"}`` items, in datalist order."""
+        return list(self._cache)
+
+
 CACHE_LIMIT_ENV = "MEDFLARE_CACHE_LIMIT_GB"
 
 
@@ -270,9 +302,10 @@ def load_items(items: Sequence[Dict[str, str]], spec: ImageSpec, cache: Any = "a
     """
     transform = build_transforms(spec)
     items = list(items)
+    first = None
     if cache == "auto":
         first = _load_one(transform, items[0]) if items else {}
         cache = _fits_in_memory(first, len(items))
     if not cache:
         return CheckedDataset(items, transform=transform)
-    return Dataset([_load_one(transform, item) for item in items])
+    return CheckedCacheDataset(items, transform, first=first)
