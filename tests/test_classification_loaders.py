@@ -151,3 +151,73 @@ def test_nested_test_sources_take_the_sites_data_root_and_format(tmp_path, monke
     config.write_text(json.dumps({"sites": {"hospital-a": site}}))
     with pytest.raises(DataError, match=r"test.csv entry 0: .*outside the site's data root .*lists"):
         load_cls_site_data("hospital-a", None, SyntheticClsConfig(), num_classes=2, spatial_size=SIZE)
+
+
+def _reference_read(path, in_channels, size, window=None):
+    """The image read by hand (Pillow, nibabel, pydicom, numpy and torch), independently of MONAI's transforms."""
+    import torch
+
+    if path.endswith(".nii.gz"):
+        arr, colour = np.squeeze(np.asarray(nib.load(path).get_fdata(), dtype=np.float32)), False
+    elif path.endswith(".dcm"):
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        colour = False
+    else:
+        with Image.open(path) as im:
+            colour = im.mode not in ("L", "I", "I;16", "F")
+            arr = np.asarray(im.convert("RGB") if colour else im, dtype=np.float32)
+    if window is not None:
+        low = window[0] - window[1] / 2
+        arr = (np.clip(arr, low, low + window[1]) - low) / window[1]
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if arr.shape[-1] != in_channels:
+        arr = arr.mean(axis=-1, keepdims=True) if in_channels == 1 else np.repeat(arr, in_channels, axis=-1)
+    t = torch.as_tensor(np.moveaxis(arr, -1, 0).copy())[None]
+    t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].double()
+    mean = t.mean(dim=(1, 2), keepdim=True)
+    std = t.std(dim=(1, 2), keepdim=True, unbiased=False)
+    return ((t - mean) / std).float().numpy()
+
+
+@pytest.mark.parametrize("kind,in_channels", [("png", 1), ("png", 3), ("rgb_jpg", 3), ("rgb_jpg", 1),
+                                              ("palette_png", 3), ("nifti", 1), ("dicom", 1)])
+def test_read_image_matches_a_read_by_hand(tmp_path, kind, in_channels):
+    """MONAI's transforms read every format as a hand-written read does: the same orientation of a non-square
+    image (rows first: a 20x24 image is not transposed), channels, resize and z-score."""
+    if kind == "png":
+        path, window = str(tmp_path / "a.png"), None
+        _png(path, 1)
+    elif kind == "rgb_jpg":
+        path, window = str(tmp_path / "b.jpg"), None
+        _png(path, 2, rgb=True)
+    elif kind == "palette_png":
+        path, window = str(tmp_path / "p.png"), None
+        Image.fromarray((np.random.RandomState(5).rand(20, 24) * 255).astype(np.uint8)).convert("P").save(path)
+    elif kind == "nifti":
+        path, window = str(tmp_path / "c.nii.gz"), None
+        nib.save(nib.Nifti1Image(np.random.RandomState(3).rand(20, 24, 1).astype(np.float32), np.eye(4)), path)
+    else:
+        path, window = str(tmp_path / "d.dcm"), (40.0, 80.0)
+        hu = np.full((20, 24), -1000.0)
+        hu[4:16, 6:20] = np.linspace(0.0, 90.0, 12 * 14).reshape(12, 14)
+        _dicom(path, hu)
+    got = read_image(path, in_channels, (32, 40), window)
+    expected = _reference_read(path, in_channels, (32, 40), window)
+    assert got.shape == (in_channels, 32, 40) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_read_image_refuses_volumes_and_non_finite_values_naming_the_file(tmp_path):
+    volume = str(tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.RandomState(3).rand(20, 24, 3).astype(np.float32), np.eye(4)), volume)
+    with pytest.raises(DataError, match=r"v\.nii\.gz: expected a 2D image, got a volume"):
+        read_image(volume, 1, SIZE)
+    bad = np.random.RandomState(3).rand(20, 24, 1).astype(np.float32)
+    bad[3, 4, 0] = np.nan
+    nan = str(tmp_path / "n.nii.gz")
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), nan)
+    with pytest.raises(DataError, match=r"n\.nii\.gz: image contains NaN"):
+        read_image(nan, 1, SIZE)

@@ -2,24 +2,22 @@
 a NaN metric in a round's report."""
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.controller_spec import ClientTask, TaskCompletionStatus
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.apis.event_type import EventType
 from nvflare.app_common.app_event_type import AppEventType
 
 from medflare.flare.executors import SegmentationExecutor
 from medflare.flare.executors.base import STATE_FILE, StateError, read_state_file
 from medflare.networks import build_model
-from medflare.algorithms.relay import relay_wait_over
 from medflare.common.results import RunSummary
 from medflare.flare.workflows import RingRelayScatterAndGather
 
@@ -89,19 +87,7 @@ def test_state_is_restored_before_the_site_is_ready(tmp_path):
     assert second._ready and second.rounds_done == 1 and reply.get_return_code() == ReturnCode.OK
 
 
-# ---------------------------------------------------------------- ring relay quorum
-@pytest.mark.parametrize("finished, responded, reached, now, expected", [
-    (3, 3, 0.0, 0.0, True),      # every site answered
-    (2, 2, None, 5.0, False),    # quorum not reached yet (min 3)
-    (2, 2, 1.0, 1.5, False),     # quorum reached, grace not over
-    (2, 2, 1.0, 3.0, True),      # quorum reached and grace over: go on without the dead site
-    (3, 1, 0.0, 9.0, True),      # every task ended (two timed out): nothing left to wait for
-])
-def test_relay_wait_over(finished, responded, reached, now, expected):
-    min_responses = 3 if reached is None else 2
-    assert relay_wait_over(finished, responded, 3, min_responses, reached, now, 2.0) is expected
-
-
+# ---------------------------------------------------------------- ring relay
 class _Engine:
     def __init__(self, sites):
         self.sites = sites
@@ -110,57 +96,63 @@ class _Engine:
         return self.sites
 
 
-def _relay_controller(sites, wait_after_min):
-    ctl = RingRelayScatterAndGather(min_clients=2, num_rounds=3, wait_time_after_min_received=int(wait_after_min))
+def _relay_controller(sites):
+    ctl = RingRelayScatterAndGather(min_clients=2, num_rounds=3)
     ctl._engine = _Engine(sites)
-    ctl._task_check_period = 0.01
     ctl._current_round = 1
-    ctl._encoders = {s: {"enc": np.full(2, i, np.float32)} for i, s in enumerate(sites)}
+    ctl._encoders = {s: {"enc": np.full(2, i + 1, np.float32)} for i, s in enumerate(sites)}
     return ctl
 
 
-def test_ring_relay_goes_on_without_a_dead_site(monkeypatch):
+def _site_copy(ctl, site, train):
+    """What FLARE sends ``site``: its own copy of the broadcast train task, after the controller's filter hook."""
+    from nvflare.apis.fl_constant import FLContextKey
+    from nvflare.apis.shareable import make_copy
+
+    fl_ctx = FLContext()
+    copy = make_copy(train)
+    fl_ctx.set_prop(FLContextKey.TASK_NAME, AppConstants.TASK_TRAIN, private=True, sticky=False)
+    fl_ctx.set_prop(FLContextKey.TASK_DATA, copy, private=True, sticky=False)
+    fl_ctx.set_peer_context(_PeerContext(site))
+    ctl.handle_event(EventType.BEFORE_TASK_DATA_FILTER, fl_ctx)
+    return copy
+
+
+class _PeerContext(FLContext):
+    def __init__(self, site):
+        super().__init__()
+        self._site = site
+
+    def get_identity_name(self, default=""):
+        return self._site
+
+
+def test_ring_relay_rewrites_each_sites_copy_of_the_broadcast():
+    """Each site's copy of the one broadcast train task carries the global model and its ring neighbour's encoder;
+    the task itself (and so every other site's copy) is left as it was."""
+    from nvflare.apis.dxo import from_shareable
+
     sites = ["site-1", "site-2", "site-3"]
-    ctl = _relay_controller(sites, wait_after_min=0.3)
-    sent, cancelled = {}, []
+    ctl = _relay_controller(sites)
+    ctl.handle_event(AppEventType.ROUND_STARTED, FLContext())
+    assert ctl._peers == {"site-1": "site-3", "site-2": "site-1", "site-3": "site-2"}
+    train = DXO(DataKind.WEIGHTS, data={"enc": np.zeros(2, np.float32), "dec": np.ones(1, np.float32)}).to_shareable()
+    for site, peer in ctl._peers.items():
+        dxo = from_shareable(_site_copy(ctl, site, train))
+        assert dxo.data_kind == DataKind.COLLECTION and dxo.get_meta_prop("medflare_peer_site") == peer
+        np.testing.assert_array_equal(dxo.data["peer_encoder"].data["enc"], ctl._encoders[peer]["enc"])
+        np.testing.assert_array_equal(dxo.data["global"].data["dec"], np.ones(1, np.float32))
+    assert from_shareable(train).data_kind == DataKind.WEIGHTS  # the broadcast task itself is untouched
 
-    def send(task, fl_ctx, targets):
-        sent[targets[0]] = task
-        if targets[0] != "site-3":  # site-3 is dead: it never answers
-            client_task = ClientTask(client=None, task=task)
-            client_task.result = Shareable()
-            task.client_tasks.append(client_task)
-            task.completion_status = TaskCompletionStatus.OK
 
-    def cancel_task(task, completion_status=TaskCompletionStatus.CANCELLED, fl_ctx=None):
-        cancelled.append(task)
-        task.completion_status = completion_status
+def test_ring_relay_sends_the_plain_global_model_before_any_encoder():
+    from nvflare.apis.dxo import from_shareable
 
-    monkeypatch.setattr(ctl, "send", send)
-    monkeypatch.setattr(ctl, "cancel_task", cancel_task)
+    ctl = _relay_controller(["site-1", "site-2"])
+    ctl._encoders = {}
+    ctl.handle_event(AppEventType.ROUND_STARTED, FLContext())
     train = DXO(DataKind.WEIGHTS, data={"enc": np.zeros(2, np.float32)}).to_shareable()
-    from nvflare.apis.controller_spec import Task
-
-    start = time.monotonic()
-    ctl.broadcast_and_wait(Task(name=AppConstants.TASK_TRAIN, data=train), FLContext(), min_responses=2,
-                           wait_time_after_min_received=0.3, abort_signal=Signal())
-    assert 0.3 <= time.monotonic() - start < 5.0  # the grace period, not forever
-    assert sorted(sent) == sites and cancelled == [sent["site-3"]]
-
-
-def test_ring_relay_aborts_promptly(monkeypatch):
-    ctl = _relay_controller(["site-1", "site-2"], wait_after_min=600)
-    cancelled = []
-    monkeypatch.setattr(ctl, "send", lambda task, fl_ctx, targets: None)
-    monkeypatch.setattr(ctl, "cancel_task", lambda task, fl_ctx=None: cancelled.append(task))
-    signal = Signal()
-    signal.trigger("stop")
-    from nvflare.apis.controller_spec import Task
-
-    train = DXO(DataKind.WEIGHTS, data={"enc": np.zeros(2, np.float32)}).to_shareable()
-    ctl.broadcast_and_wait(Task(name=AppConstants.TASK_TRAIN, data=train), FLContext(), min_responses=2,
-                           wait_time_after_min_received=600, abort_signal=signal)
-    assert len(cancelled) == 2
+    assert from_shareable(_site_copy(ctl, "site-1", train)).data_kind == DataKind.WEIGHTS
 
 
 # ---------------------------------------------------------------- a bad metric never loses a round
@@ -176,7 +168,7 @@ def test_nan_dice_keeps_the_round_report(tmp_path):
 
 
 def test_a_failing_report_neither_stops_the_round_nor_keeps_stale_encoders(monkeypatch):
-    ctl = _relay_controller(["site-1", "site-2"], wait_after_min=0)
+    ctl = _relay_controller(["site-1", "site-2"])
     fresh = {"site-1": {"enc": np.ones(2, np.float32)}}
     ctl._incoming = dict(fresh)
     ctl._site_metrics = {"site-1": {"dice": math.nan}}

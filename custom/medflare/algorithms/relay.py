@@ -40,25 +40,3 @@ def relay_assignments(sites: Sequence[str], previous_encoders: Mapping[str, Mapp
                 out[site] = candidate
                 break
     return out
-
-
-def relay_wait_over(finished: int, responded: int, total: int, min_responses: int,
-                    min_reached_at: Optional[float], now: float, wait_after_min: float) -> bool:
-    """Whether a relay round (one task per site) can stop waiting, with ScatterAndGather's quorum rule.
-
-    Args:
-        finished: tasks that ended (answered, timed out, cancelled or failed).
-        responded: tasks whose site sent a result.
-        total: tasks sent.
-        min_responses: the round's quorum (the controller's ``min_clients``).
-        min_reached_at: when ``responded`` first reached ``min_responses`` (``None``: not yet).
-        now: the current time (same clock as ``min_reached_at``).
-        wait_after_min: how long to wait for the remaining sites once the quorum is reached
-            (``wait_time_after_min_received``).
-
-    The round ends when every task has ended, or when the quorum has answered and the remaining sites have had
-    ``wait_after_min`` seconds more: one dead site then costs that much time, not the whole round.
-    """
-    if finished >= total:
-        return True
-    return responded >= min_responses and min_reached_at is not None and now - min_reached_at >= wait_after_min

@@ -1,12 +1,14 @@
-"""Real-data classification sources of a site (read into memory, resized, per-image z-scored).
+"""Real-data classification sources of a site (read into memory with MONAI's transforms: resized, per-image
+z-scored).
 
 Formats (the ``format`` key of a site's settings, see :mod:`medflare.classification.data`); relative paths resolve
 against the config file's folder:
 
 ``image_list``
     ``{"train": "train.csv", "val": "val.csv"}`` (or one ``"list"`` plus ``"val_fraction"``). A list is a CSV with
-    columns ``image,label`` or a JSON list of ``{"image": ..., "label": ...}``; images are PNG/JPEG (Pillow) or
-    NIfTI (nibabel; 2D, or 3D with a single slice); labels are integers ``0..num_classes-1``.
+    columns ``image,label`` or a JSON list of ``{"image": ..., "label": ...}``; images are PNG/JPEG (MONAI's Pillow
+    reader) or NIfTI (its nibabel reader; 2D, or 3D with a single slice); labels are integers
+    ``0..num_classes-1``.
 ``isic``
     ISIC-2019 ground-truth CSV: ``{"csv": ..., "image_dir": ..., "val_fraction": 0.2}``. Column ``image`` names the
     file (``<image_dir>/<image>.jpg``), the other columns are one-hot classes (``classes`` selects and orders them,
@@ -35,7 +37,9 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
+from monai.data import NibabelReader, PILReader, PydicomReader
+from monai.transforms import (Compose, EnsureType, LoadImage, NormalizeIntensity, Resize, ScaleIntensityRange,
+                              Transform)
 
 from ..data.checks import DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label
 from ..data.datalist import DataError
@@ -102,84 +106,113 @@ def _read_table(path: str) -> List[Dict[str, Any]]:
         raise DataError(f"cannot read {path}: {e}") from e
 
 
-def _resize(image: np.ndarray, spatial_size: Sequence[int]) -> np.ndarray:
-    t = torch.as_tensor(image, dtype=torch.float32)[None]
-    if tuple(t.shape[-2:]) != tuple(spatial_size):
-        t = torch.nn.functional.interpolate(t, size=tuple(spatial_size), mode="bilinear", align_corners=False)
-    return t[0].numpy()
+GRAY_MODES = ("L", "I", "I;16", "F")
+"""Pillow modes read as one grey channel; any other mode (RGB, RGBA, palette...) is read as RGB."""
 
 
-def _zscore(image: np.ndarray) -> np.ndarray:
-    out = image.astype(np.float32)
-    for c in range(out.shape[0]):
-        out[c] = (out[c] - out[c].mean()) / (out[c].std() + 1e-8)
-    return out
+def _rgb_unless_gray(image: Any) -> Any:
+    """Pillow image -> itself if grey, else RGB (the :class:`~monai.data.PILReader` converter)."""
+    return image if image.mode in GRAY_MODES else image.convert("RGB")
 
 
-def _channels(image: np.ndarray, in_channels: int, path: str, color: bool) -> np.ndarray:
-    """``(H, W)``, or ``(H, W, C)`` for a colour image (``color``), -> ``(in_channels, H, W)``.
+class ImageChannels(Transform):
+    """An image as read, ``(H, W)`` or ``(H, W, C)``, -> ``(in_channels, H, W)``.
 
-    Anything else (a 3D or 4D volume) is refused: averaging its slices into one image would train on an image
-    that does not exist."""
-    if image.ndim == 3 and not color:
-        raise DataError(f"{path}: expected a 2D image, got a volume of shape {image.shape} (3D/4D volumes are not "
-                        "averaged into one image: give one slice per entry)")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3:
-        raise DataError(f"{path}: expected a 2D image, got shape {image.shape}")
-    if image.shape[-1] == 4:
-        image = image[..., :3]
-    c = image.shape[-1]
-    if c == in_channels:
-        return np.moveaxis(image, -1, 0)
-    if in_channels == 1:
-        return image.mean(axis=-1, keepdims=True).transpose(2, 0, 1)
-    if c == 1:
-        return np.repeat(np.moveaxis(image, -1, 0), in_channels, axis=0)
-    raise DataError(f"{path}: image has {c} channels, the model takes {in_channels}")
+    A colour image's channels are kept, averaged to grey (``in_channels=1``) or a grey image repeated; an alpha
+    channel is dropped. A three-dimensional array that is not a colour image (a volume) is refused: averaging its
+    slices into one image would train on an image that does not exist.
+
+    Args:
+        in_channels: channels the model takes.
+        colour: whether a trailing third axis holds colour channels (Pillow and DICOM) or slices (NIfTI, whose
+            singleton axes are dropped first).
+    """
+
+    def __init__(self, in_channels: int, colour: bool) -> None:
+        self.in_channels, self.colour = in_channels, colour
+
+    def __call__(self, image: Any) -> np.ndarray:
+        image = np.asarray(image)
+        if not self.colour:  # a NIfTI image: a 2D slice may be stored with singleton axes
+            image = np.squeeze(image)
+        if image.ndim == 3 and not self.colour:
+            raise DataError(f"expected a 2D image, got a volume of shape {image.shape} (3D/4D volumes are not "
+                            "averaged into one image: give one slice per entry)")
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3:
+            raise DataError(f"expected a 2D image, got shape {image.shape}")
+        if image.shape[-1] == 4:
+            image = image[..., :3]
+        c = image.shape[-1]
+        if c == self.in_channels:
+            return np.moveaxis(image, -1, 0)
+        if self.in_channels == 1:
+            return image.mean(axis=-1, keepdims=True).transpose(2, 0, 1)
+        if c == 1:
+            return np.repeat(np.moveaxis(image, -1, 0), self.in_channels, axis=0)
+        raise DataError(f"image has {c} channels, the model takes {self.in_channels}")
+
+
+class FiniteImage(Transform):
+    """Refuses an image holding NaN or infinite values."""
+
+    def __call__(self, image: Any) -> np.ndarray:
+        image = np.asarray(image, dtype=np.float32)
+        if not np.all(np.isfinite(image)):
+            raise DataError("image contains NaN or infinite values")
+        return image
+
+
+def image_reader(path: str, window: Optional[Sequence[float]] = None) -> Tuple[Any, bool]:
+    """MONAI's reader for ``path`` (NIfTI: nibabel; DICOM, or any file read with a CT window: pydicom; else Pillow),
+    in the array order the file holds (Pillow rows first, DICOM rows and columns unswapped, as classifier
+    checkpoints were trained), and whether a third array axis holds colour channels."""
+    lower = path.lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return NibabelReader(), False
+    if lower.endswith(".dcm") or window is not None:
+        return PydicomReader(swap_ij=False, force=True), True
+    return PILReader(reverse_indexing=False, converter=_rgb_unless_gray), True
+
+
+def classification_transforms(path: str, in_channels: int, spatial_size: Sequence[int],
+                              window: Optional[Sequence[float]] = None) -> Compose:
+    """The loading transforms of a classification image: read (:func:`image_reader`), refuse non-finite values, CT
+    window to ``[0, 1]`` (if given), channels (:class:`ImageChannels`), bilinear resize to ``spatial_size`` and a
+    per-channel z-score; MONAI's transforms throughout, as the segmentation path's."""
+    reader, colour = image_reader(path, window)
+    steps: List[Any] = [LoadImage(reader=reader, image_only=True), FiniteImage()]
+    if window is not None:
+        center, width = float(window[0]), float(window[1])
+        steps.append(ScaleIntensityRange(a_min=center - width / 2, a_max=center + width / 2, b_min=0.0, b_max=1.0,
+                                         clip=True))
+    steps += [ImageChannels(in_channels, colour),
+              Resize(spatial_size=tuple(spatial_size), mode="bilinear", align_corners=False),
+              NormalizeIntensity(channel_wise=True),
+              EnsureType(data_type="numpy", dtype=np.float32, track_meta=False)]
+    return Compose(steps)
 
 
 def read_image(path: str, in_channels: int, spatial_size: Sequence[int],
                window: Optional[Sequence[float]] = None) -> np.ndarray:
-    """One image as ``(in_channels, *spatial_size)`` float32, z-scored per image (after the CT window if given).
+    """One image as ``(in_channels, *spatial_size)`` float32, z-scored per image (after the CT window if given),
+    through :func:`classification_transforms`.
 
     Raises:
         DataError: naming the file: missing or unreadable, not 2D, or holding NaN or infinite values.
     """
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
-    lower = path.lower()
-    color = False
     try:
-        if lower.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            arr = np.asarray(nib.load(path).get_fdata(), dtype=np.float32)
-            arr = np.squeeze(arr)
-        elif lower.endswith(".dcm") or window is not None:
-            import pydicom
-
-            ds = pydicom.dcmread(path)
-            arr = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1.0)) + float(
-                getattr(ds, "RescaleIntercept", 0.0))
-            color = str(getattr(ds, "PhotometricInterpretation", "")).startswith(("RGB", "YBR"))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                color = im.mode not in ("L", "I", "I;16", "F")
-                arr = np.asarray(im.convert("RGB") if color else im, dtype=np.float32)
-    except DataError:
-        raise
-    except Exception as e:  # corrupt or unsupported file
-        raise DataError(f"cannot read image {path}: {e}") from e
-    if not np.all(np.isfinite(arr)):
-        raise DataError(f"{path}: image contains NaN or infinite values")
-    if window is not None:
-        center, width = float(window[0]), float(window[1])
-        arr = (np.clip(arr, center - width / 2, center + width / 2) - (center - width / 2)) / width
-    return _zscore(_resize(_channels(arr, in_channels, path, color), spatial_size))
+        return classification_transforms(path, in_channels, spatial_size, window)(path)
+    except Exception as e:  # MONAI wraps errors raised inside transforms
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise DataError(f"{path}: {cause}") from None
+        raise DataError(f"cannot read image {path}: {cause}") from e
 
 
 def _label(value: Any, num_classes: int, classes: Optional[Sequence[str]], where: str) -> int:

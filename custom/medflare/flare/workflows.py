@@ -7,13 +7,11 @@ import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from nvflare.apis.controller_spec import Task
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_copy
-from nvflare.apis.signal import Signal
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
@@ -22,7 +20,7 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from ..algorithms.feature_stats import FeatureStatistics
 from ..keys import AGGREGATION_WEIGHTS_KEY, FEATURE_STATS_KEY, PEER_FEATURE_STATS_KEY, PEER_SITE_KEY, SITE_REPORT_KEY
-from ..algorithms.relay import encoder_part, relay_assignments, relay_wait_over
+from ..algorithms.relay import encoder_part, relay_assignments
 from .resume import (RESUME_FILE, ResumeError, ResumeState, check_resume_fits, load_resume_state, save_resume_state,
                      summary_before)
 from ..common.reports import clean_metrics
@@ -231,10 +229,11 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
     """:class:`MetricsScatterAndGather` that also relays encoders around a ring of sites (FedDA-cyclic).
 
     In each round site i receives, with the global model, the encoder that its ring neighbour (the previous site in
-    name order) trained in the previous round (see :mod:`medflare.algorithms.relay`). A broadcast sends every site the same
-    data, so the train task is sent as one task per site with that site's payload: a ``COLLECTION`` DXO
-    ``{"global": <global weights>, "peer_encoder": <peer's encoder weights>}`` with meta ``peer_site``. In the first
-    round there is nothing to relay and the plain global model is broadcast.
+    name order) trained in the previous round (see :mod:`medflare.algorithms.relay`). The train task is broadcast as
+    in FedAvg (so the quorum, ``wait_time_after_min_received`` and a dead site are handled by ScatterAndGather
+    itself); at ``BEFORE_TASK_DATA_FILTER``, when FLARE holds each site's own copy of the task, that copy becomes a
+    ``COLLECTION`` DXO ``{"global": <global weights>, "peer_encoder": <peer's encoder weights>}`` with meta
+    ``peer_site``. In the first round there is nothing to relay and the plain global model goes out.
 
     The persistor's model must expose ``encoder_keys()`` (e.g. :class:`medflare.segmentation.networks.FeatureUNet`).
     """
@@ -243,6 +242,7 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
         super().__init__(*args, **kwargs)
         self._encoders: Dict[str, Dict[str, Any]] = {}
         self._incoming: Dict[str, Dict[str, Any]] = {}
+        self._peers: Dict[str, Optional[str]] = {}
         self._encoder_keys: Optional[set] = None
 
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -266,57 +266,41 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == AppEventType.ROUND_DONE:  # first: nothing in the round's report may keep stale encoders
             self._encoders, self._incoming = self._incoming, {}
+        elif event_type == AppEventType.ROUND_STARTED:
+            self._assign_peers(fl_ctx)
+        elif event_type == EventType.BEFORE_TASK_DATA_FILTER:  # before the site view restricts the copy's meta
+            self._add_peer_encoder(fl_ctx)
         super().handle_event(event_type, fl_ctx)
 
-    def _payload(self, task_data: Shareable, peer: Optional[str]) -> Shareable:
-        if peer is None:
-            return make_copy(task_data)
-        collection = DXO(DataKind.COLLECTION,
-                         data={"global": from_shareable(task_data), "peer_encoder": DXO(DataKind.WEIGHTS,
-                                                                                          self._encoders[peer])},
-                         meta={PEER_SITE_KEY: peer})
-        return collection.update_shareable(make_copy(task_data))
-
-    def broadcast_and_wait(self, task: Task, fl_ctx: FLContext, targets=None, min_responses: int = 1,
-                           wait_time_after_min_received: int = 0, abort_signal: Optional[Signal] = None):
-        if task.name != self.train_task_name or not self._encoders:
-            return super().broadcast_and_wait(task, fl_ctx, targets, min_responses, wait_time_after_min_received,
-                                              abort_signal)
-        clients = [c if isinstance(c, str) else c.name for c in (targets or self._engine.get_clients())]
-        peers = relay_assignments(clients, self._encoders)
+    def _assign_peers(self, fl_ctx: FLContext) -> None:
+        """This round's relay: which peer's encoder each connected site receives (none in the first round)."""
+        self._peers = {}
+        if not self._encoders:
+            return
+        clients = [c if isinstance(c, str) else c.name for c in self._engine.get_clients()]
+        self._peers = relay_assignments(clients, self._encoders)
         self.log_info(fl_ctx, f"round {self._current_round} relay (site <- encoder of): "
-                              + ", ".join(f"{s} <- {p or 'global'}" for s, p in sorted(peers.items())))
-        tasks: Dict[str, Task] = {}
-        for client in clients:
-            site_task = Task(name=task.name, data=self._payload(task.data, peers[client]), props={},
-                             timeout=task.timeout, before_task_sent_cb=task.before_task_sent_cb,
-                             result_received_cb=task.result_received_cb)
-            self.send(site_task, fl_ctx, targets=[client])
-            tasks[client] = site_task
-        self._wait_for_relay_tasks(tasks, min_responses, wait_time_after_min_received, abort_signal, fl_ctx)
+                              + ", ".join(f"{s} <- {p or 'global'}" for s, p in sorted(self._peers.items())))
 
-    def _wait_for_relay_tasks(self, tasks: Dict[str, Task], min_responses: int, wait_after_min: float,
-                              abort_signal: Optional[Signal], fl_ctx: FLContext) -> None:
-        """Wait like ``broadcast_and_wait``: until every site's task ended, or the quorum answered and the others
-        had ``wait_after_min`` seconds more (see :func:`medflare.algorithms.relay.relay_wait_over`); then cancel the rest."""
-        min_reached_at: Optional[float] = None
-        while True:
-            if abort_signal is not None and abort_signal.triggered:
-                break
-            finished = sum(t.completion_status is not None for t in tasks.values())
-            responded = sum(any(ct.result is not None for ct in t.client_tasks) for t in tasks.values())
-            now = time.monotonic()
-            if min_reached_at is None and responded >= min_responses:
-                min_reached_at = now
-            if relay_wait_over(finished, responded, len(tasks), min_responses, min_reached_at, now, wait_after_min):
-                break
-            time.sleep(self._task_check_period)
-        late = sorted(site for site, t in tasks.items() if t.completion_status is None)
-        if late and not (abort_signal is not None and abort_signal.triggered):
-            self.log_warning(fl_ctx, f"round {self._current_round}: going on without {late} "
-                             f"({wait_after_min}s after {min_responses} site(s) answered)")
-        for site in late:
-            self.cancel_task(tasks[site], fl_ctx=fl_ctx)
+    def _add_peer_encoder(self, fl_ctx: FLContext) -> None:
+        """Turn one site's copy of the train task into the global model plus its peer's encoder."""
+        if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name or not self._encoders:
+            return
+        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        peer_ctx = fl_ctx.get_peer_context()
+        site = peer_ctx.get_identity_name() if peer_ctx is not None else None
+        if not isinstance(task_data, Shareable) or not site:
+            return
+        if site not in self._peers:  # a site that connected after the round started
+            self._peers[site] = relay_assignments([site, *self._peers], self._encoders)[site]
+        peer = self._peers[site]
+        if peer is None:
+            return
+        collection = DXO(DataKind.COLLECTION,
+                         data={"global": from_shareable(task_data),
+                               "peer_encoder": DXO(DataKind.WEIGHTS, self._encoders[peer])},
+                         meta={PEER_SITE_KEY: peer})
+        collection.update_shareable(task_data)
 
     def resume_state(self) -> ResumeState:
         """The resume checkpoint also keeps the encoders to relay in the next round."""
