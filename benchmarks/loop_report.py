@@ -17,7 +17,8 @@ Records are grouped by benchmark (variant, dimensions, sites) and by *method lab
 settings without the seed). Every figure is on the **test** split; validation only chose the settings
 (docs/training.md). Columns:
 
-- ``mean`` / ``worst``: Dice (of the test split; ``--split val``: the validation split, for tuning sweeps) of the model each site deploys after the last round (the final global model; with
+- ``mean`` / ``worst``: Dice (of the test split; ``--split val``: the validation split, for tuning sweeps) of the model
+  each site deploys after the last round (the final global model; with
   site-local layers the global model with the site's own layers; local-only: the site's own model), averaged over
   sites / at the worst site; mean ± standard deviation over seeds.
 - ``swing``: the largest change of the mean Dice between consecutive rounds among the last five;

@@ -2,7 +2,8 @@
 """Stage a job that continues an interrupted run from its server's resume checkpoint.
 
 FLARE 2.9 keeps no snapshot of a running job: when the server process dies, the job ends. medflare's controllers
-write ``medflare_resume.pt`` into the server's run folder at the end of every round (see ``custom/medflare/flare/resume.py``);
+write ``medflare_resume.pt`` into the server's run folder at the end of every round (see
+``custom/medflare/flare/resume.py``);
 this command stages a copy of the job that starts from it (same staging as ``deploy/stage_job.py``, plus the
 controller's ``resume_from``), to be submitted as a new job::
 

@@ -1,7 +1,8 @@
 """Every table the docs show from in-process runs is what the committed records give, byte for byte.
 
 ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl`` (validation split), written by
-``benchmarks/bare_loop.py --out`` or ``benchmarks/fair_loop.py --out``, have ``tables.md`` / ``tuning.md`` beside them; the docs quote them between
+``benchmarks/bare_loop.py --out`` or ``benchmarks/fair_loop.py --out``, have ``tables.md`` / ``tuning.md`` beside them;
+the docs quote them between
 ``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and ``<!-- end of tables -->``.
 ``python benchmarks/loop_report.py --docs`` regenerates all of them.
 """

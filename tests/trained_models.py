@@ -1,7 +1,8 @@
 """Trained checkpoints for fast tests, written by the persistor's own save path (no FLARE run).
 
 The network comes from :class:`medflare.flare.persistors.ModelPersistor`, the preprocessing record from the
-job's executor (:func:`medflare.artefacts.provenance.executor_preprocessing`, as the persistor reads it at the server), and the
+job's executor (:func:`medflare.artefacts.provenance.executor_preprocessing`, as the persistor reads it at the server),
+and the
 file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
 """
 

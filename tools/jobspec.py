@@ -120,7 +120,8 @@ AFFINE_NORM_UNET: Dict[str, Any] = {"name": "unet", "norm": ["instance", {"affin
 
 
 def segmentation_job(name: str, executor: str = "medflare.flare.executors.SegmentationExecutor",
-                     controller: str = "medflare.flare.workflows.MetricsScatterAndGather", **executor_args: Any) -> JobSpec:
+                     controller: str = "medflare.flare.workflows.MetricsScatterAndGather",
+                     **executor_args: Any) -> JobSpec:
     """A job of the segmentation benchmark: 3 sites (T1, T2, CT brain anatomy), Dice, weighted averages applied
     with server momentum (FedAvgM)."""
     executor_args = merge_args({"synthetic": SEGMENTATION_BENCHMARK}, executor_args)
@@ -211,7 +212,8 @@ def job_files(spec: JobSpec) -> Dict[str, Dict[str, Any]]:
     server_components = {
         "persistor": persistor, "shareable_generator": spec.shareable_generator, "aggregator": spec.aggregator,
         "model_selector": Component("nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector", metric),
-        "model_locator": MODEL_LOCATOR, "cross_site_report": Component("medflare.flare.widgets.CrossSiteReport", metric),
+        "model_locator": MODEL_LOCATOR,
+        "cross_site_report": Component("medflare.flare.widgets.CrossSiteReport", metric),
         "tb_receiver": TB_RECEIVER}
     client_components = {"tb_writer": TB_WRITER, "event_to_fed": EVENT_TO_FED}
     for component in (controller, cross_site, *server_components.values(), *client_components.values()):

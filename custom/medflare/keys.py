@@ -33,7 +33,8 @@ PEER_SITE_KEY = "medflare_peer_site"
 
 FEATURE_STATS_KEY = "medflare_feature_stats"
 """Result meta key: ``{"mean": [[...]], "var": [[...]], "count": [...]}``, per-class means and variances of the
-bottleneck features of the received global model on the site's training images (see :mod:`medflare.algorithms.feature_stats`)."""
+bottleneck features of the received global model on the site's training images (see
+:mod:`medflare.algorithms.feature_stats`)."""
 PEER_FEATURE_STATS_KEY = "medflare_peer_feature_stats"
 """Task meta key: ``{site name: statistics}`` of every other site, as they reported them in the previous round."""
 

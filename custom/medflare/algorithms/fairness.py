@@ -1,7 +1,8 @@
 """Fair aggregation rules as pure functions (numpy only; no FLARE, no torch, no site data).
 
 Every rule maps the scalar statistics the sites report (and the rule's own state of the previous round) to
-aggregation weights or to a new global model. The FLARE aggregators in :mod:`medflare.flare.fairness_aggregators` call these
+aggregation weights or to a new global model. The FLARE aggregators in :mod:`medflare.flare.fairness_aggregators` call
+these
 functions; the unit tests check them on hand-made inputs.
 
 Sites that miss a round

@@ -66,7 +66,8 @@ def unet_state_dict(model: TrainedModel, unet_args: Dict[str, Any]) -> Dict[str,
 
 
 def intensity_config(preprocessing: Dict[str, Any]) -> Dict[str, Any]:
-    """The MONAI transform config of the recorded intensity scaling (see :func:`medflare.data.datalist.intensity_transform`)."""
+    """The MONAI transform config of the recorded intensity scaling (see
+    :func:`medflare.data.datalist.intensity_transform`)."""
     if preprocessing["intensity"] == "minmax":
         return {"_target_": "ScaleIntensityd", "keys": "image", "channel_wise": True}
     if preprocessing["intensity"] == "zscore":

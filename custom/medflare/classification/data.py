@@ -70,10 +70,11 @@ def _synthetic(config: SyntheticClsConfig, index: int, site: str, source: str, w
     test = {}
     if with_test and config.n_test > 0:
         t = load_global_test(config, cache_dir)
-        test = {"clean": TensorDictDataset.from_arrays(t["clean"], t["labels"]), "corrupted": TensorDictDataset.from_arrays(t["corrupted"], t["labels"])}
+        test = {name: TensorDictDataset.from_arrays(t[name], t["labels"]) for name in ("clean", "corrupted")}
     return ClsSiteData(site=site, source=source, quality=config.qualities[index],
                        train=TensorDictDataset.from_arrays(arrays["train_x"], arrays["train_y"]),
-                       val=TensorDictDataset.from_arrays(arrays["val_x"], arrays["val_y"]), num_classes=4, global_test=test,
+                       val=TensorDictDataset.from_arrays(arrays["val_x"], arrays["val_y"]), num_classes=4,
+                       global_test=test,
                        test=TensorDictDataset.from_arrays(arrays["test_x"], arrays["test_y"]))
 
 

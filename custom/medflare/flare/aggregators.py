@@ -47,7 +47,8 @@ class WeightedAggregator(Aggregator):
             reaches the global model unnoticed); ``"skip"`` logs the error and aggregates the other sites.
         output: ``"weights"`` (default) returns the averaged weights, for FLARE's ``FullModelShareableGenerator``;
             ``"weight_diff"`` returns the averaged weights minus the current global model, for a server optimiser
-            such as FLARE's FedOpt generator (:class:`medflare.flare.server_optimizer.ServerOptimizer`: FedAvgM, FedAdam).
+            such as FLARE's FedOpt generator (:class:`medflare.flare.server_optimizer.ServerOptimizer`: FedAvgM,
+            FedAdam).
         site_samples: ``{site: number of training samples}`` declared on the server. A site is then weighted by
             ``min(reported, declared)`` and a site without a declaration is refused. Default: no declaration.
         max_sample_ratio: without ``site_samples``, a reported sample count above this multiple of the round's

@@ -41,8 +41,10 @@ class ModelPersistor(PTFileModelPersistor):
     segmentation or classification) from a job argument and checks weights before saving.
 
     It writes ``FL_global_model.pt`` (last round) and ``best_FL_global_model.pt`` (best mean of the key metric,
-    Dice or balanced accuracy, as chosen by ``IntimeModelSelector``) into the server's app folder, atomically. Each checkpoint carries a provenance record
-    (:data:`medflare.artefacts.provenance.PROVENANCE_KEY`): the model arguments, the sites' preprocessing (read from the job's
+    Dice or balanced accuracy, as chosen by ``IntimeModelSelector``) into the server's app folder, atomically. Each
+    checkpoint carries a provenance record
+    (:data:`medflare.artefacts.provenance.PROVENANCE_KEY`): the model arguments, the sites' preprocessing (read from the
+    job's
     client config, which the server's app folder holds), the job, method, rounds completed, the sites with their
     sample counts and last reported metrics, and, once cross-site evaluation has run, its results. Collecting the
     record never stops a run: what cannot be read is logged and left out.
@@ -51,7 +53,8 @@ class ModelPersistor(PTFileModelPersistor):
         model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`); the job spec
             derives it from the executor's settings (``persistor_model`` in ``tools/jobspec.py``).
         seed: seed of the initial weights, so that runs of different methods start from the same model.
-        preprocessing: the sites' preprocessing settings to record (see :func:`medflare.artefacts.provenance.executor_preprocessing`);
+        preprocessing: the sites' preprocessing settings to record (see
+        :func:`medflare.artefacts.provenance.executor_preprocessing`);
             ``None`` (default) reads them from the job's client config.
         **kwargs: passed to :class:`PTFileModelPersistor` (``source_ckpt_file_full_name`` resumes from a checkpoint).
     """
@@ -115,7 +118,8 @@ class ModelPersistor(PTFileModelPersistor):
         """The record for the checkpoint of ``checkpoint_model`` (``"global"`` or ``"best_global"``)."""
         task = (self.preprocessing or {}).get("task") or (
             "classification" if self.model_spec["name"] in CLASSIFIER_REGISTRY else "segmentation")
-        cross = prov.cross_site_record(self._cross_site, checkpoint_model, self.key_metric) if self._cross_site else None
+        cross = (prov.cross_site_record(self._cross_site, checkpoint_model, self.key_metric) if self._cross_site
+                 else None)
         return prov.build_record(task, self.model_spec, self.seed, self.preprocessing, self._job, self._method,
                                  checkpoint_model, rounds_completed, self._sites, cross, prov.library_versions())
 

@@ -46,7 +46,8 @@ class ResumeState:
         weights: the global model after round ``next_round - 1``.
         meta: the global model's meta (fairness state, aggregation weights).
         relay_encoders: FedDA-cyclic's encoders to relay, by site.
-        server_optimizer: the server optimiser's state (:meth:`medflare.flare.server_optimizer.ServerOptimizer.resume_state`).
+        server_optimizer: the server optimiser's state
+        (:meth:`medflare.flare.server_optimizer.ServerOptimizer.resume_state`).
         summary: the run summary's data (:class:`medflare.common.results.RunSummary`).
     """
 

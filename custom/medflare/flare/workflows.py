@@ -317,7 +317,8 @@ class StatisticsRelayScatterAndGather(MetricsScatterAndGather):
     """:class:`MetricsScatterAndGather` that relays the sites' feature statistics (FedDA's statistics mode).
 
     Each site's train result may carry ``medflare_feature_stats`` (per-class means and variances of its encoder
-    features, see :mod:`medflare.algorithms.feature_stats`). The controller checks them (malformed or non-finite statistics are
+    features, see :mod:`medflare.algorithms.feature_stats`). The controller checks them (malformed or non-finite
+    statistics are
     dropped with a warning naming the site) and, in the next round, adds to each site's copy of the train task the
     statistics of every *other* site (meta ``medflare_peer_feature_stats``). In the first round, and in the first
     round after a resume, there is nothing to relay and the sites train without alignment.

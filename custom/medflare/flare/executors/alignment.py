@@ -33,7 +33,8 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
     validation images that the received head attributes to this site (1/K when the sites are aligned).
 
     ``mode="stats"``: alignment among sites through per-class feature statistics (see
-    :mod:`medflare.algorithms.feature_stats`). At the start of a round the site measures, with the received global model, the
+    :mod:`medflare.algorithms.feature_stats`). At the start of a round the site measures, with the received global
+    model, the
     per-class means and variances of its training images' bottleneck features and sends them with its weights
     (meta ``medflare_feature_stats``); :class:`~medflare.flare.workflows.StatisticsRelayScatterAndGather` hands every
     site the other sites' statistics of the previous round (meta ``medflare_peer_feature_stats``). A local site

@@ -258,7 +258,8 @@ class SiteExecutor(Executor):
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        """Cross-site evaluation: send the model this site deploys (:meth:`deployed_weights`), if its policy shares it."""
+        """Cross-site evaluation: send the model this site deploys (:meth:`deployed_weights`), if its policy shares
+        it."""
         if not self.policy.share_local_model:
             self.log_info(fl_ctx, f"not sending the local model for cross-site evaluation: the site policy "
                                   f"({self.policy.source}) does not share it")

@@ -93,7 +93,8 @@ class SegmentationExecutor(SiteExecutor):
         eval_roi_size: sliding-window size for evaluation of large volumes (``null`` = whole image).
         send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
             SVT privacy filters; see :class:`~medflare.flare.executors.base.SiteExecutor`).
-        mixed_precision: train under bfloat16 autocast (for GPUs; see :class:`~medflare.segmentation.training.SegmentationTrainer`).
+        mixed_precision: train under bfloat16 autocast (for GPUs; see
+        :class:`~medflare.segmentation.training.SegmentationTrainer`).
             On a CUDA device a site's in-memory data is also kept on the device when it fits
             (:mod:`medflare.data.placement`).
         evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
