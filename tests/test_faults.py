@@ -145,6 +145,15 @@ def test_ring_relay_rewrites_each_sites_copy_of_the_broadcast():
     assert from_shareable(train).data_kind == DataKind.WEIGHTS  # the broadcast task itself is untouched
 
 
+def test_ring_relay_uses_flares_broadcast():
+    """The relay sends its train task with ScatterAndGather's own broadcast (one task to every site, its quorum,
+    ``wait_time_after_min_received`` and abort handling): it only rewrites each site's copy."""
+    from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+
+    for name in ("broadcast_and_wait", "send_and_wait", "control_flow"):
+        assert getattr(RingRelayScatterAndGather, name) is getattr(ScatterAndGather, name), name
+
+
 def test_ring_relay_sends_the_plain_global_model_before_any_encoder():
     from nvflare.apis.dxo import from_shareable
 
