@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
@@ -184,17 +184,22 @@ class MetricsScatterAndGather(TaskCheckPeriod, ScatterAndGather):
         elif event_type == EventType.BEFORE_TASK_DATA_FILTER:
             self._restrict_task_meta(fl_ctx)
 
-    def _restrict_task_meta(self, fl_ctx: FLContext) -> None:
-        """Each site receives only its own entries of the global model's meta (see :mod:`medflare.flare.site_view`).
-        FLARE gives every site its own copy of a task right before this event, so replacing the copy's content
-        changes nothing for the other sites."""
+    def site_train_task(self, fl_ctx: FLContext) -> Optional[Tuple[str, Shareable]]:
+        """At ``BEFORE_TASK_DATA_FILTER``: the site and its own copy of the train task about to be sent to it, or
+        ``None`` for any other task. FLARE gives every site its own copy of a task right before this event, so
+        changing the copy's content changes nothing for the other sites."""
         if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name:
-            return
+            return None
         task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer is not None else None
-        if isinstance(task_data, Shareable) and site:
-            site_view(task_data, site)
+        return (site, task_data) if isinstance(task_data, Shareable) and site else None
+
+    def _restrict_task_meta(self, fl_ctx: FLContext) -> None:
+        """Each site receives only its own entries of the global model's meta (see :mod:`medflare.flare.site_view`)."""
+        bound = self.site_train_task(fl_ctx)
+        if bound is not None:
+            site_view(bound[1], bound[0])
 
     def _report_round(self, fl_ctx: FLContext) -> None:
         if self._summary is None or not self._site_metrics:
@@ -284,13 +289,10 @@ class RingRelayScatterAndGather(MetricsScatterAndGather):
 
     def _add_peer_encoder(self, fl_ctx: FLContext) -> None:
         """Turn one site's copy of the train task into the global model plus its peer's encoder."""
-        if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name or not self._encoders:
+        bound = self.site_train_task(fl_ctx) if self._encoders else None
+        if bound is None:
             return
-        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
-        peer_ctx = fl_ctx.get_peer_context()
-        site = peer_ctx.get_identity_name() if peer_ctx is not None else None
-        if not isinstance(task_data, Shareable) or not site:
-            return
+        site, task_data = bound
         if site not in self._peers:  # a site that connected after the round started
             self._peers[site] = relay_assignments([site, *self._peers], self._encoders)[site]
         peer = self._peers[site]
@@ -350,13 +352,11 @@ class StatisticsRelayScatterAndGather(MetricsScatterAndGather):
             self._add_peer_statistics(fl_ctx)
 
     def _add_peer_statistics(self, fl_ctx: FLContext) -> None:
-        if fl_ctx.get_prop(FLContextKey.TASK_NAME) != self.train_task_name or not self._stats:
+        """Add the other sites' feature statistics to one site's copy of the train task."""
+        bound = self.site_train_task(fl_ctx) if self._stats else None
+        if bound is None:
             return
-        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
-        peer = fl_ctx.get_peer_context()
-        site = peer.get_identity_name() if peer is not None else None
-        if not isinstance(task_data, Shareable) or not site:
-            return
+        site, task_data = bound
         dxo = from_shareable(task_data)
         dxo.set_meta_prop(PEER_FEATURE_STATS_KEY, {s: v for s, v in self._stats.items() if s != site})
         dxo.update_shareable(task_data)
