@@ -237,7 +237,7 @@ def job_files(spec: JobSpec) -> Dict[str, Dict[str, Any]]:
 
 
 def job_texts(spec: JobSpec) -> Dict[str, str]:
-    """The canonical text of each config file of the job (see :func:`medflare.flare_config.dump_json`)."""
+    """The canonical text of each config file of the job (see :func:`flare_config.dump_json`)."""
     return {path: dump_json(content) for path, content in job_files(spec).items()}
 
 
