@@ -19,6 +19,7 @@ optimiser state and run summary. It prints the staged folder.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -33,9 +34,23 @@ from stage_job import StageError, app_dirs, parse_json_assignment, stage_job  # 
 
 from medflare.flare.resume import ResumeError, load_resume_state  # noqa: E402
 
-# the controllers that can resume (medflare.flare.workflows.MetricsScatterAndGather and its subclasses)
-RESUMABLE = ("medflare.flare.workflows.MetricsScatterAndGather", "medflare.flare.workflows.RingRelayScatterAndGather",
-             "medflare.flare.fairness_workflow.FairnessScatterAndGather")
+RESUMABLE_BASE = "medflare.flare.workflows.MetricsScatterAndGather"
+"""The controllers that can resume: this class and its subclasses, under any path that names them (a job staged
+before the package's re-layout names ``medflare.workflows.MetricsScatterAndGather``)."""
+
+
+def resumable(path: Any) -> bool:
+    """Whether a workflow's class path names a controller that can resume."""
+    if not isinstance(path, str) or "." not in path:
+        return False
+    module, _, name = path.rpartition(".")
+    base_module, _, base_name = RESUMABLE_BASE.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    base = getattr(importlib.import_module(base_module), base_name)
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def set_resume_from(job_dir: str, checkpoint: str) -> List[str]:
@@ -51,7 +66,7 @@ def set_resume_from(job_dir: str, checkpoint: str) -> List[str]:
             continue
         with open(path) as f:
             config = json.load(f)
-        workflows = [w for w in config.get("workflows", []) if w.get("path") in RESUMABLE]
+        workflows = [w for w in config.get("workflows", []) if resumable(w.get("path"))]
         for workflow in workflows:
             workflow.setdefault("args", {})["resume_from"] = checkpoint
         if workflows:
@@ -60,7 +75,7 @@ def set_resume_from(job_dir: str, checkpoint: str) -> List[str]:
                 f.write("\n")
             changed.append(path)
     if not changed:
-        raise StageError(f"{job_dir} has no controller that can resume (one of {list(RESUMABLE)})")
+        raise StageError(f"{job_dir} has no controller that can resume ({RESUMABLE_BASE} or a subclass)")
     return changed
 
 

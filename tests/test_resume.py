@@ -79,6 +79,14 @@ def test_resume_command_stages_the_job_with_the_checkpoint(tmp_path):
     save_resume_state(ckpt, _state(next_round=4, num_rounds=4))
     with pytest.raises(ResumeError, match="nothing left of 4 rounds"):
         resume_job(os.path.join(REPO, "jobs", "fedavg"), ckpt, str(tmp_path / "out"))
+    old = tmp_path / "old" / "app" / "config"  # a job staged before the re-layout names the old class path
+    os.makedirs(old)
+    (old / "config_fed_server.json").write_text(json.dumps({"workflows": [
+        {"id": "cse", "path": "medflare.workflows.CrossSiteEvaluation", "args": {}},
+        {"id": "sag", "path": "medflare.workflows.RingRelayScatterAndGather", "args": {}}]}))
+    set_resume_from(str(tmp_path / "old"), ckpt)
+    workflows = json.loads((old / "config_fed_server.json").read_text())["workflows"]
+    assert "resume_from" not in workflows[0]["args"] and workflows[1]["args"]["resume_from"] == ckpt
     os.makedirs(tmp_path / "plain" / "app" / "config")
     (tmp_path / "plain" / "app" / "config" / "config_fed_server.json").write_text(json.dumps({"workflows": []}))
     with pytest.raises(StageError, match="no controller that can resume"):
