@@ -127,6 +127,8 @@ def run(cfg: LoopConfig, on_round=None) -> Dict[str, Any]:
     device = torch.device("cpu")
     if cfg.method not in ("fedavg", "fedda", "fedda_stats", "ditto", "local", "pooled"):
         raise ValueError(f"unknown method {cfg.method!r}")
+    if cfg.finetune_epochs and cfg.rounds < 1:
+        raise ValueError("finetune_epochs fine-tunes the model received in the last round: it needs rounds >= 1")
     model_args = {"spatial_dims": syn.spatial_dims, "out_channels": syn.num_classes, **cfg.model,
                   **({"n_domains": len(sites)} if cfg.method == "fedda" else {})}
     name = model_args.pop("name", "unet_domain" if cfg.method == "fedda" else "unet")
