@@ -135,7 +135,7 @@ def goal_lines(methods: Dict[str, Dict[int, Dict[str, Any]]]) -> List[str]:
         losses = [s for s in sites if (d := lr.paired(methods[gp], fedavg, lambda r, s=s: lr.final_sites(r)[s]))
                   and d["high"] < 0]
         lines.append(f"| {name} | {'yes' if above else 'no'} (" + ", ".join(
-            f"{s} {per_site[s]['diff']:+.3f}" for s in sites if per_site[s]) + f"; mean "
+            f"{s} {per_site[s]['diff']:+.3f}" for s in sites if per_site[s]) + "; mean "
             + (lr.fmt_diff(d_mean) if d_mean else "–") + f") | {'yes' if not losses else 'no: ' + ', '.join(losses)}"
             f" | {'**met**' if above and not losses else 'not met'} |")
     return lines

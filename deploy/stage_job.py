@@ -91,7 +91,7 @@ def stage_job(job: str, out_dir: str, code: str = "shipped", name: Optional[str]
         raise StageError(str(e)) from e
     diffs = folder_differences(spec, job)
     if diffs:
-        raise StageError(f"{job} differs from its spec ({diffs}); edit medflare/jobspec.py and run "
+        raise StageError(f"{job} differs from its spec ({diffs}); edit tools/jobspec.py and run "
                          "python tools/sync_jobs.py")
     settings = dict(server_args or {})
     unknown = sorted(set(settings) - set(SERVER_SETTINGS))

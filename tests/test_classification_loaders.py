@@ -221,3 +221,23 @@ def test_read_image_refuses_volumes_and_non_finite_values_naming_the_file(tmp_pa
     nib.save(nib.Nifti1Image(bad, np.eye(4)), nan)
     with pytest.raises(DataError, match=r"n\.nii\.gz: image contains NaN"):
         read_image(nan, 1, SIZE)
+
+
+def test_dicom_without_suffix_reads_as_with_it_and_a_multi_frame_grey_dicom_is_refused(tmp_path):
+    """A DICOM read for its CT window without the ``.dcm`` suffix gives the same image (no other reader takes over
+    and transposes it); a multi-frame grey DICOM is a volume, refused like a 3D NIfTI."""
+    from pydicom import examples
+
+    hu = np.full((20, 24), -1000.0)
+    hu[4:16, 6:20] = np.linspace(0.0, 90.0, 12 * 14).reshape(12, 14)
+    _dicom(tmp_path / "a.dcm", hu)
+    (tmp_path / "a_no_suffix").write_bytes((tmp_path / "a.dcm").read_bytes())
+    np.testing.assert_array_equal(read_image(str(tmp_path / "a_no_suffix"), 1, (32, 40), window=(40, 80)),
+                                  read_image(str(tmp_path / "a.dcm"), 1, (32, 40), window=(40, 80)))
+    ds = examples.ct
+    frames = np.zeros((3, 20, 24), dtype=ds.pixel_array.dtype)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 20, 24, 3
+    ds.PixelData = frames.tobytes()
+    ds.save_as(str(tmp_path / "frames.dcm"))
+    with pytest.raises(DataError, match=r"frames\.dcm: expected a 2D image, got a volume"):
+        read_image(str(tmp_path / "frames.dcm"), 1, SIZE, window=(40, 80))

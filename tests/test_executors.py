@@ -203,7 +203,7 @@ def test_local_norm_never_sends_normalisation_layers_and_restores_them(tmp_path)
     norm_keys = norm_layer_keys(build_model(**AFFINE))
     assert norm_keys and all(k.endswith(("weight", "bias")) for k in norm_keys)
     result = ex.execute(AppConstants.TASK_TRAIN, _train_task(weights), FLContext(), Signal())
-    dxo = _assert_only_weights_and_scalars(result, set(weights) - norm_keys)
+    _assert_only_weights_and_scalars(result, set(weights) - norm_keys)
     own = {k: ex.local_weights[k].copy() for k in norm_keys}
     assert any(not np.array_equal(own[k], weights[k]) for k in norm_keys)  # the site's norms did train
     # the next global model (whatever its norm entries) is used with the site's own norm layers

@@ -95,7 +95,9 @@ def test_pure_layers_are_importable_without_flare_glue():
 
 @pytest.mark.parametrize("old", sorted(MOVED_MODULES))
 def test_old_module_path_is_the_new_module(old):
-    assert importlib.import_module(old) is importlib.import_module(MOVED_MODULES[old])
+    module = importlib.import_module(old)
+    assert module is importlib.import_module(MOVED_MODULES[old])
+    assert module.__spec__.name == MOVED_MODULES[old]  # the module keeps its own spec (reload, find_spec)
 
 
 def test_old_class_paths_name_the_same_classes():

@@ -2,9 +2,8 @@
 
 ``docs/results/<name>/records.jsonl`` (test split) and ``tuning.jsonl`` (validation split), written by
 ``benchmarks/bare_loop.py --out`` or ``benchmarks/fair_loop.py --out``, have ``tables.md`` / ``tuning.md`` beside them;
-the docs quote them between
-``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and ``<!-- end of tables -->``.
-``python benchmarks/loop_report.py --docs`` regenerates all of them.
+the docs quote them between ``<!-- tables: results/<name> -->`` (or ``results/<name>/tuning``) and
+``<!-- end of tables -->``. ``python benchmarks/loop_report.py --docs`` regenerates all of them.
 """
 
 import os

@@ -2,8 +2,7 @@
 
 The network comes from :class:`medflare.flare.persistors.ModelPersistor`, the preprocessing record from the
 job's executor (:func:`medflare.artefacts.provenance.executor_preprocessing`, as the persistor reads it at the server),
-and the
-file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
+and the file from the persistor's ``save_model_file`` (FLARE's atomic writer plus medflare's finite-weights check).
 """
 
 from __future__ import annotations

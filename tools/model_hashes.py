@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jobtools import copy_job, run_simulator  # noqa: E402
 
-DEFAULT_JOBS = ["fedavg", "fedda", "fedda_cyclic", "fedda_domain", "fedism", "fedbn_ft"]
+DEFAULT_JOBS = ["fedavg", "fedda", "fedda_cyclic", "fedda_domain", "fedda_stats", "fedism", "fedbn_ft", "ditto"]
 
 
 def tensor_hash(tree: Any) -> str:

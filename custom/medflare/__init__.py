@@ -1,7 +1,7 @@
 """medflare: federated medical-image segmentation and fairness algorithms for NVIDIA FLARE.
 
 The package is laid out by role, the way NVFlare's ``app_common`` and MONAI group code. Lower layers never import
-higher ones, and nothing outside :mod:`medflare.flare` imports FLARE:
+higher ones, and nothing outside :mod:`medflare.flare` imports FLARE at module level:
 
 - :mod:`medflare.keys`: the names sites and server agree on (message meta keys, reported statistics).
 - :mod:`medflare.common`: what sites, server and tools share: atomic file writes, checks of the numbers a site
@@ -23,7 +23,8 @@ Job generation lives in ``tools/`` (``jobspec.py``, ``flare_config.py``) and ben
 
 Module paths from before this layout (``medflare.workflows``, ``medflare.executors``, ``medflare.persistors``...)
 keep working: job configs, resume files and user code that name them import the module at its new place
-(:data:`MOVED_MODULES`).
+(:data:`MOVED_MODULES`). The few functions and classes that moved between modules are listed in the README's layout
+section.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         is_package = new is not None and new.submodule_search_locations is not None
         return importlib.util.spec_from_loader(fullname, self, is_package=is_package)
 
+    def __init__(self) -> None:
+        self._own_specs: Dict[str, object] = {}
+
     def create_module(self, spec):
-        return importlib.import_module(MOVED_MODULES[spec.name])
+        module = importlib.import_module(MOVED_MODULES[spec.name])
+        self._own_specs[spec.name] = module.__spec__
+        return module
 
     def exec_module(self, module) -> None:
-        pass  # the module at the new place is already executed
+        # the module at the new place is already executed; the import system has just set its __spec__ to the old
+        # name's, so give it back its own
+        module.__spec__ = self._own_specs.pop(module.__spec__.name, module.__spec__)
 
 
 def _install_finder() -> None:

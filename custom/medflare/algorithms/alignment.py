@@ -2,21 +2,19 @@
 
 **Domain-adversarial alignment among sites** (:class:`DomainAdversarialTrainer`, FedDA's default). The model carries
 a domain head (:class:`~medflare.segmentation.networks.DomainHeadUNet`) that predicts from pooled bottleneck features
-which site
-an image came from. Each site trains the head towards its own index on its own (detached) features; the server
-averages the head with the rest of the model, and the average of these one-class updates is a step of a K-way site
-classifier over everybody's features, although no feature leaves a site. The encoder, in turn, is trained to
-confuse the *received* (frozen) head: cross-entropy of its prediction against the uniform distribution. Once the
-encoder wins, one site's features cannot be told apart from another's: the modalities are aligned among sites.
-Per step: ``L = DiceCE + lambda_t * CE(head_received(f), uniform)`` for the model; the head's own loss
+which site an image came from. Each site trains the head towards its own index on its own (detached) features; the
+server averages the head with the rest of the model, and the average of these one-class updates is a step of a K-way
+site classifier over everybody's features, although no feature leaves a site. The encoder, in turn, is trained to
+confuse the *received* (frozen) head: cross-entropy of its prediction against the uniform distribution. Once the encoder
+wins, one site's features cannot be told apart from another's: the modalities are aligned among sites. Per step:
+``L = DiceCE + lambda_t * CE(head_received(f), uniform)`` for the model; the head's own loss
 ``CE(head(f.detach()), site)`` is accumulated and applied once per round (see :class:`DomainAdversarialTrainer`).
 
 **Alignment to a target encoder** (:class:`AdversarialSegmentationTrainer`, the reconstruction of the paper's
 summary; mode ``"target"``). A site's *source* features are its local encoder's bottleneck features of a local batch;
-*target* features are the
-same batch encoded by a frozen reference encoder: the received global encoder (FedDA-joint) or a peer site's encoder
-from the previous round (FedDA-cyclic). A local, patch-level discriminator learns to tell them apart, and the
-encoder learns to make its features indistinguishable from the target's, so that features become
+*target* features are the same batch encoded by a frozen reference encoder: the received global encoder (FedDA-joint) or
+a peer site's encoder from the previous round (FedDA-cyclic). A local, patch-level discriminator learns to tell them
+apart, and the encoder learns to make its features indistinguishable from the target's, so that features become
 modality-invariant. Updates alternate GAN-style per batch:
 
 1. discriminator step: ``L_D = BCE(D(f_target), 1) + BCE(D(f_source), 0)`` on detached features;

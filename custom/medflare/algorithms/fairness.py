@@ -2,8 +2,7 @@
 
 Every rule maps the scalar statistics the sites report (and the rule's own state of the previous round) to
 aggregation weights or to a new global model. The FLARE aggregators in :mod:`medflare.flare.fairness_aggregators` call
-these
-functions; the unit tests check them on hand-made inputs.
+these functions; the unit tests check them on hand-made inputs.
 
 Sites that miss a round
     Every stateful rule takes the previous state as ``{site: value}`` and the current reports of the sites that

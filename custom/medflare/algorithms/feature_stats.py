@@ -16,15 +16,15 @@ virtual samples (:func:`sample_peer_features`) and the trainer (:class:`Statisti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .alignment import confusion_loss
 from ..segmentation.training import SegmentationTrainer
+from .alignment import confusion_loss
 
 VARIANCE_FLOOR = 1e-4
 MOMENT_SCALE_FLOOR = 1e-2

@@ -12,8 +12,7 @@ Every method trains one *global* model by FedAvg and gives each site a *deployed
   from a one-hot site embedding, which for a fixed site is one learned vector) and a prediction calibration (a
   small convolution that corrects the logits from the image and the predicted probabilities), see
   :class:`~medflare.segmentation.networks.CalibratedUNet`. The first ``head_steps`` batches of each round train only
-  those
-  site-local layers, the rest train everything, as in the paper's code.
+  those site-local layers, the rest train everything, as in the paper's code.
 - **FedDP** (Wang et al., TMI 2023), as far as the paper defines it for a convolutional network: *local query* is
   the per-class output layer (the convolutional counterpart of a transformer's class queries) kept at the site;
   *inconsistency-guided calibration* weights each pixel's loss by ``1 + beta * u``, where ``u`` is the

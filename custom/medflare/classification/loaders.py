@@ -38,8 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from monai.data import NibabelReader, PILReader, PydicomReader
-from monai.transforms import (Compose, EnsureType, LoadImage, NormalizeIntensity, Resize, ScaleIntensityRange,
-                              Transform)
+from monai.transforms import Compose, EnsureType, NormalizeIntensity, Resize, ScaleIntensityRange, Transform
 
 from ..data.checks import DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label
 from ..data.datalist import DataError
@@ -124,8 +123,8 @@ class ImageChannels(Transform):
 
     Args:
         in_channels: channels the model takes.
-        colour: whether a trailing third axis holds colour channels (Pillow and DICOM) or slices (NIfTI, whose
-            singleton axes are dropped first).
+        colour: whether a trailing third axis holds colour channels (Pillow, colour DICOM) or slices (NIfTI, grey
+            DICOM; singleton axes are dropped first).
     """
 
     def __init__(self, in_channels: int, colour: bool) -> None:
@@ -154,6 +153,18 @@ class ImageChannels(Transform):
         raise DataError(f"image has {c} channels, the model takes {self.in_channels}")
 
 
+class ReadImage(Transform):
+    """A file read by one MONAI reader (see :func:`image_reader`), with no fallback to another reader: MONAI's
+    ``LoadImage`` would retry a file its reader cannot read with its default readers, which may transpose it."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __call__(self, path: str) -> np.ndarray:
+        image, _ = self.reader.get_data(self.reader.read(path))
+        return np.asarray(image)
+
+
 class FiniteImage(Transform):
     """Refuses an image holding NaN or infinite values."""
 
@@ -164,25 +175,35 @@ class FiniteImage(Transform):
         return image
 
 
+def _dicom_is_colour(path: str) -> bool:
+    """Whether a DICOM file holds a colour image (RGB/YBR, or several samples per pixel), from its header."""
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    photometric = str(getattr(header, "PhotometricInterpretation", ""))
+    return photometric.startswith(("RGB", "YBR")) or int(getattr(header, "SamplesPerPixel", 1) or 1) > 1
+
+
 def image_reader(path: str, window: Optional[Sequence[float]] = None) -> Tuple[Any, bool]:
     """MONAI's reader for ``path`` (NIfTI: nibabel; DICOM, or any file read with a CT window: pydicom; else Pillow),
     in the array order the file holds (Pillow rows first, DICOM rows and columns unswapped, as classifier
-    checkpoints were trained), and whether a third array axis holds colour channels."""
+    checkpoints were trained), and whether a third array axis holds colour channels (Pillow: always; DICOM: as its
+    header says, so that a multi-frame grey DICOM is refused as a volume; NIfTI: never)."""
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
         return NibabelReader(), False
     if lower.endswith(".dcm") or window is not None:
-        return PydicomReader(swap_ij=False, force=True), True
+        return PydicomReader(swap_ij=False, force=True), _dicom_is_colour(path)
     return PILReader(reverse_indexing=False, converter=_rgb_unless_gray), True
 
 
 def classification_transforms(path: str, in_channels: int, spatial_size: Sequence[int],
                               window: Optional[Sequence[float]] = None) -> Compose:
-    """The loading transforms of a classification image: read (:func:`image_reader`), refuse non-finite values, CT
+    """The loading transforms of a classification image: read (:class:`ReadImage`), refuse non-finite values, CT
     window to ``[0, 1]`` (if given), channels (:class:`ImageChannels`), bilinear resize to ``spatial_size`` and a
     per-channel z-score; MONAI's transforms throughout, as the segmentation path's."""
     reader, colour = image_reader(path, window)
-    steps: List[Any] = [LoadImage(reader=reader, image_only=True), FiniteImage()]
+    steps: List[Any] = [ReadImage(reader), FiniteImage()]
     if window is not None:
         center, width = float(window[0]), float(window[1])
         steps.append(ScaleIntensityRange(a_min=center - width / 2, a_max=center + width / 2, b_min=0.0, b_max=1.0,

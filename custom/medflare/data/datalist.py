@@ -254,13 +254,14 @@ class CheckedCacheDataset(CacheDataset):
         items: datalist entries with absolute paths.
         transform: the loading transforms (:func:`build_transforms`).
         first: ``items[0]`` already loaded (the memory-budget check loads it), so it is not read twice.
-        num_workers: loading threads (default: up to 4, at most the CPU count).
+        num_workers: loading threads (default: torch's thread count, which the executor sets to the site's
+            ``num_threads``).
     """
 
     def __init__(self, items: Sequence[Dict[str, str]], transform: Compose, first: Optional[Dict[str, Any]] = None,
                  num_workers: Optional[int] = None) -> None:
         self._first = first
-        workers = num_workers or max(1, min(4, os.cpu_count() or 1))
+        workers = num_workers or max(1, torch.get_num_threads())
         super().__init__(list(items), transform, num_workers=workers, progress=False, copy_cache=False)
         self._first = None
 

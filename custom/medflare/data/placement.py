@@ -2,11 +2,10 @@
 
 :class:`TensorDictDataset` is the one dataset of stacked images and labels both tasks use (the classification
 benchmark's arrays, and segmentation data placed on a GPU). A dataset loaded into memory (``load_items`` with
-caching) is a list of ``{"image", "label"}`` tensors. On a CUDA device that has room for it, :func:`place_on_device`
-stacks them once into two device tensors; batches are then drawn on the device. Lazily loaded datasets, CPU training and
-data larger than the budget are left as they are
-(batches are then copied with ``non_blocking`` transfers from pinned memory, see
-:func:`loader_options`).
+caching, a :class:`~medflare.data.datalist.CheckedCacheDataset`) holds its ``{"image", "label"}`` tensors. On a CUDA
+device that has room for it, :func:`place_on_device` stacks them once into two device tensors; batches are then drawn
+on the device. Lazily loaded datasets, CPU training and data larger than the budget are left as they are (batches are
+then copied with ``non_blocking`` transfers from pinned memory, see :func:`loader_options`).
 """
 
 from __future__ import annotations

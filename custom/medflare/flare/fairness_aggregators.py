@@ -1,16 +1,14 @@
 """FLARE aggregators of the fairness suite: thin wrappers of the pure rules in :mod:`medflare.algorithms.fairness`.
 
 Each class is a :class:`~medflare.flare.aggregators.WeightedAggregator` (same validation of updates) whose weights come
-from
-the scalars the sites report in ``meta["medflare_report"]`` (see
+from the scalars the sites report in ``meta["medflare_report"]`` (see
 :data:`medflare.flare.executors.classification.REPORTED_SCALARS`) and, for q-FedAvg and FedCE, from the global model the
 sites received. Nothing here touches site data.
 
 State across rounds (EMA weights, mixture weights, histories) is not kept in the aggregator object: it is written
 into the aggregated model's meta under :data:`AGGREGATOR_STATE_KEY`, FLARE's ``FullModelShareableGenerator`` stores that
-meta
-with the global model and ``PTFileModelPersistor`` saves it in the checkpoint's ``meta_props``; every round the rule
-reads it back from the global model it is updating. A run resumed from a checkpoint therefore continues with the
+meta with the global model and ``PTFileModelPersistor`` saves it in the checkpoint's ``meta_props``; every round the
+rule reads it back from the global model it is updating. A run resumed from a checkpoint therefore continues with the
 state of the round it stopped at, and a restarted server process loses nothing.
 
 Sites missing a round: weights are computed over the sites whose update was accepted; see
@@ -46,8 +44,7 @@ class FairAggregator(WeightedAggregator):
 
     Every statistic a rule reads has been checked when the site's result was accepted (type, finite, range:
     :data:`medflare.common.reports.STATISTIC_BOUNDS`); a statistic a rule needs but a site did not send, and any failure
-    of
-    the rule itself, stops the round with a message naming the sites (see
+    of the rule itself, stops the round with a message naming the sites (see
     :meth:`~medflare.flare.aggregators.WeightedAggregator.failure_message`).
     """
 

@@ -1,9 +1,8 @@
 """Server workflow of the fairness suite: per-round classification fairness report.
 
 :class:`FairnessScatterAndGather` is :class:`~medflare.flare.workflows.MetricsScatterAndGather` with
-``key_metric="bacc"``
-that adds, every round, to the log, TensorBoard (``fairness/*``, ``fairness_auc/*``, ``test/*``) and the run's
-``metrics/metrics_summary.json`` (``fairness_auc`` and ``global_test`` of each round) plus
+``key_metric="bacc"`` that adds, every round, to the log, TensorBoard (``fairness/*``, ``fairness_auc/*``, ``test/*``)
+and the run's ``metrics/metrics_summary.json`` (``fairness_auc`` and ``global_test`` of each round) plus
 ``metrics/fairness_cls.csv``:
 
 - the fairness summary of the sites' macro AUC of the global model (the base class summarises balanced accuracy),

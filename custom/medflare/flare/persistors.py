@@ -40,14 +40,12 @@ class ModelPersistor(PTFileModelPersistor):
     """:class:`PTFileModelPersistor` that builds its network (any of :data:`medflare.networks.MODEL_REGISTRY`:
     segmentation or classification) from a job argument and checks weights before saving.
 
-    It writes ``FL_global_model.pt`` (last round) and ``best_FL_global_model.pt`` (best mean of the key metric,
-    Dice or balanced accuracy, as chosen by ``IntimeModelSelector``) into the server's app folder, atomically. Each
-    checkpoint carries a provenance record
-    (:data:`medflare.artefacts.provenance.PROVENANCE_KEY`): the model arguments, the sites' preprocessing (read from the
-    job's
-    client config, which the server's app folder holds), the job, method, rounds completed, the sites with their
-    sample counts and last reported metrics, and, once cross-site evaluation has run, its results. Collecting the
-    record never stops a run: what cannot be read is logged and left out.
+    It writes ``FL_global_model.pt`` (last round) and ``best_FL_global_model.pt`` (best mean of the key metric, Dice or
+    balanced accuracy, as chosen by ``IntimeModelSelector``) into the server's app folder, atomically. Each checkpoint
+    carries a provenance record (:data:`medflare.artefacts.provenance.PROVENANCE_KEY`): the model arguments, the sites'
+    preprocessing (read from the job's client config, which the server's app folder holds), the job, method, rounds
+    completed, the sites with their sample counts and last reported metrics, and, once cross-site evaluation has run,
+    its results. Collecting the record never stops a run: what cannot be read is logged and left out.
 
     Args:
         model: ``{"name": "unet", **constructor kwargs}`` (see :func:`medflare.networks.build_model`); the job spec

@@ -12,9 +12,9 @@ Pair it with ``WeightedAggregator(output="weight_diff")``. FedAvgM with server l
                                  "config_type": "dict"}}}
 
 ``medflare.flare.server_optimizer.SGD`` and ``medflare.flare.server_optimizer.Adam`` are torch's optimisers under a
-``medflare.`` path:
-FLARE builds the optimiser from its path, and a site whose class allow-list admits only ``medflare.`` (the
-templates' default, and the only choice for jobs that run on site-installed code) refuses ``torch.optim.*``.
+``medflare.`` path: FLARE builds the optimiser from its path, and a site whose class allow-list admits only
+``medflare.`` (the templates' default, and the only choice for jobs that run on site-installed code) refuses
+``torch.optim.*``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ and cross-site evaluation; all of them check their tasks as often as their ``tas
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -320,10 +319,9 @@ class StatisticsRelayScatterAndGather(MetricsScatterAndGather):
 
     Each site's train result may carry ``medflare_feature_stats`` (per-class means and variances of its encoder
     features, see :mod:`medflare.algorithms.feature_stats`). The controller checks them (malformed or non-finite
-    statistics are
-    dropped with a warning naming the site) and, in the next round, adds to each site's copy of the train task the
-    statistics of every *other* site (meta ``medflare_peer_feature_stats``). In the first round, and in the first
-    round after a resume, there is nothing to relay and the sites train without alignment.
+    statistics are dropped with a warning naming the site) and, in the next round, adds to each site's copy of the train
+    task the statistics of every *other* site (meta ``medflare_peer_feature_stats``). In the first round, and in the
+    first round after a resume, there is nothing to relay and the sites train without alignment.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

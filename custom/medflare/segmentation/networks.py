@@ -150,8 +150,7 @@ class DomainHeadUNet(FeatureUNet):
 
 class CalibratedUNet(FeatureUNet):
     """:class:`FeatureUNet` with FedLC's two calibration modules (see :mod:`medflare.algorithms.personalization`), both
-    kept
-    at the site with the output head:
+    kept at the site with the output head:
 
     - ``feature_gate``: one value per bottleneck channel; the bottleneck features are multiplied by
       ``2 * sigmoid(gate)`` (1 at initialisation).

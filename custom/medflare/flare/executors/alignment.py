@@ -34,12 +34,11 @@ class AdversarialAlignmentExecutor(SegmentationExecutor):
 
     ``mode="stats"``: alignment among sites through per-class feature statistics (see
     :mod:`medflare.algorithms.feature_stats`). At the start of a round the site measures, with the received global
-    model, the
-    per-class means and variances of its training images' bottleneck features and sends them with its weights
+    model, the per-class means and variances of its training images' bottleneck features and sends them with its weights
     (meta ``medflare_feature_stats``); :class:`~medflare.flare.workflows.StatisticsRelayScatterAndGather` hands every
     site the other sites' statistics of the previous round (meta ``medflare_peer_feature_stats``). A local site
-    discriminator learns to tell the site's own feature vectors from virtual vectors drawn from the peers'
-    Gaussians; the encoder learns to confuse it. The discriminator stays at the site.
+    discriminator learns to tell the site's own feature vectors from virtual vectors drawn from the peers' Gaussians;
+    the encoder learns to confuse it. The discriminator stays at the site.
 
     ``mode="target"``: alignment to a target encoder with a local patch discriminator, as reconstructed from the
     paper's summary. The target follows what the server sends: a plain global model means FedDA-joint (the received

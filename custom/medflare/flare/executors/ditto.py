@@ -3,10 +3,9 @@
 Each ``train`` task the site trains the received global model ``w`` as :class:`SegmentationExecutor` does and sends
 it; then it trains its personal model ``v`` for ``personal_epochs`` epochs on its own data with
 ``ditto_lambda/2 * ||v - w||^2`` (:class:`medflare.algorithms.personalization.ProximalPersonalTrainer`). With
-``local_norm``
-(the ``ditto`` job) ``w`` is the global model with the site's own normalisation layers (FedBN's model). The personal
-model never leaves the site except as the site's model in cross-site evaluation, where the site's policy allows it
-(``share_local_model``); it is the model the site deploys, and it is kept in the client state file.
+``local_norm`` (the ``ditto`` job) ``w`` is the global model with the site's own normalisation layers (FedBN's model).
+The personal model never leaves the site except as the site's model in cross-site evaluation, where the site's policy
+allows it (``share_local_model``); it is the model the site deploys, and it is kept in the client state file.
 
 What leaves the site besides :class:`SegmentationExecutor`'s weights and scalars: ``personal_dice`` and
 ``test_personal_dice``, the personal model's validation and test Dice after the round.

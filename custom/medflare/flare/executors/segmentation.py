@@ -94,9 +94,8 @@ class SegmentationExecutor(SiteExecutor):
         send_weight_differences: send ``WEIGHT_DIFF`` results instead of ``WEIGHTS`` (for FLARE's percentile and
             SVT privacy filters; see :class:`~medflare.flare.executors.base.SiteExecutor`).
         mixed_precision: train under bfloat16 autocast (for GPUs; see
-        :class:`~medflare.segmentation.training.SegmentationTrainer`).
-            On a CUDA device a site's in-memory data is also kept on the device when it fits
-            (:mod:`medflare.data.placement`).
+            :class:`~medflare.segmentation.training.SegmentationTrainer`). On a CUDA device a site's in-memory data is
+            also kept on the device when it fits (:mod:`medflare.data.placement`).
         evaluate_local_model: report ``dice_local``, the trained local model's validation Dice (see
             :class:`~medflare.flare.executors.base.SiteExecutor`).
         local_norm: ``true``: keep every normalisation layer (affine parameters and any running statistics) at
