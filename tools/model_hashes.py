@@ -42,8 +42,9 @@ def tensor_hash(tree: Any) -> str:
         if hasattr(value, "shape") and hasattr(value, "dtype"):
             tensor = torch.as_tensor(value).detach().cpu().contiguous()
             digest.update(f"{prefix}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy()
-                          .tobytes())
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every value exactly
+                tensor = tensor.float()
+            digest.update(tensor.numpy().tobytes())
 
     visit("", tree)
     return digest.hexdigest()

@@ -40,7 +40,8 @@ import numpy as np
 from monai.data import NibabelReader, PILReader, PydicomReader
 from monai.transforms import Compose, EnsureType, NormalizeIntensity, Resize, ScaleIntensityRange, Transform
 
-from ..data.checks import DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label
+from ..data.checks import (DATA_ROOT_KEYS, check_inside_root, check_keys, check_splits, config_value, integer_label,
+                           root_cause)
 from ..data.datalist import DataError
 from ..data.placement import TensorDictDataset
 
@@ -115,32 +116,18 @@ def _rgb_unless_gray(image: Any) -> Any:
 
 
 class ImageChannels(Transform):
-    """An image as read, ``(H, W)`` or ``(H, W, C)``, -> ``(in_channels, H, W)``.
-
-    A colour image's channels are kept, averaged to grey (``in_channels=1``) or a grey image repeated; an alpha
-    channel is dropped. A three-dimensional array that is not a colour image (a volume) is refused: averaging its
-    slices into one image would train on an image that does not exist.
+    """An image as :class:`ReadImage` gives it, ``(H, W, C)``, -> ``(in_channels, H, W)``: a colour image's channels
+    kept or averaged to grey (``in_channels=1``), a grey image repeated; an alpha channel is dropped.
 
     Args:
         in_channels: channels the model takes.
-        colour: whether a trailing third axis holds colour channels (Pillow, colour DICOM) or slices (NIfTI, grey
-            DICOM; singleton axes are dropped first).
     """
 
-    def __init__(self, in_channels: int, colour: bool) -> None:
-        self.in_channels, self.colour = in_channels, colour
+    def __init__(self, in_channels: int) -> None:
+        self.in_channels = in_channels
 
     def __call__(self, image: Any) -> np.ndarray:
         image = np.asarray(image)
-        if not self.colour:  # a NIfTI image: a 2D slice may be stored with singleton axes
-            image = np.squeeze(image)
-        if image.ndim == 3 and not self.colour:
-            raise DataError(f"expected a 2D image, got a volume of shape {image.shape} (3D/4D volumes are not "
-                            "averaged into one image: give one slice per entry)")
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3:
-            raise DataError(f"expected a 2D image, got shape {image.shape}")
         if image.shape[-1] == 4:
             image = image[..., :3]
         c = image.shape[-1]
@@ -154,15 +141,38 @@ class ImageChannels(Transform):
 
 
 class ReadImage(Transform):
-    """A file read by one MONAI reader (see :func:`image_reader`), with no fallback to another reader: MONAI's
-    ``LoadImage`` would retry a file its reader cannot read with its default readers, which may transpose it."""
+    """A file read by one MONAI reader (see :func:`image_reader`), as ``(H, W, C)``.
+
+    There is no fallback to another reader: MONAI's ``LoadImage`` would retry a file its reader cannot read with its
+    default readers, which may transpose it. Whether a third axis holds colour channels comes from what was read: a
+    Pillow image is grey or RGB (the reader's converter), a DICOM says so in its header (RGB/YBR, or several samples
+    per pixel), a NIfTI image is grey. A grey image with a third axis besides singleton ones (a volume, a multi-frame
+    DICOM) is refused: averaging its slices into one image would train on an image that does not exist.
+    """
 
     def __init__(self, reader: Any) -> None:
         self.reader = reader
 
     def __call__(self, path: str) -> np.ndarray:
-        image, _ = self.reader.get_data(self.reader.read(path))
-        return np.asarray(image)
+        read = self.reader.read(path)
+        image = np.asarray(self.reader.get_data(read)[0])
+        if self._colour(read, image):
+            return image
+        image = np.squeeze(image)  # a 2D slice may be stored with singleton axes
+        if image.ndim == 3:
+            raise DataError(f"expected a 2D image, got a volume of shape {image.shape} (3D/4D volumes are not "
+                            "averaged into one image: give one slice per entry)")
+        if image.ndim != 2:
+            raise DataError(f"expected a 2D image, got shape {image.shape}")
+        return image[..., None]
+
+    def _colour(self, read: Any, image: np.ndarray) -> bool:
+        if isinstance(self.reader, NibabelReader):
+            return False
+        if isinstance(self.reader, PydicomReader):
+            photometric = str(getattr(read, "PhotometricInterpretation", ""))
+            return photometric.startswith(("RGB", "YBR")) or int(getattr(read, "SamplesPerPixel", 1) or 1) > 1
+        return image.ndim == 3
 
 
 class FiniteImage(Transform):
@@ -175,26 +185,16 @@ class FiniteImage(Transform):
         return image
 
 
-def _dicom_is_colour(path: str) -> bool:
-    """Whether a DICOM file holds a colour image (RGB/YBR, or several samples per pixel), from its header."""
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    photometric = str(getattr(header, "PhotometricInterpretation", ""))
-    return photometric.startswith(("RGB", "YBR")) or int(getattr(header, "SamplesPerPixel", 1) or 1) > 1
-
-
-def image_reader(path: str, window: Optional[Sequence[float]] = None) -> Tuple[Any, bool]:
+def image_reader(path: str, window: Optional[Sequence[float]] = None) -> Any:
     """MONAI's reader for ``path`` (NIfTI: nibabel; DICOM, or any file read with a CT window: pydicom; else Pillow),
     in the array order the file holds (Pillow rows first, DICOM rows and columns unswapped, as classifier
-    checkpoints were trained), and whether a third array axis holds colour channels (Pillow: always; DICOM: as its
-    header says, so that a multi-frame grey DICOM is refused as a volume; NIfTI: never)."""
+    checkpoints were trained)."""
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        return NibabelReader(), False
+        return NibabelReader()
     if lower.endswith(".dcm") or window is not None:
-        return PydicomReader(swap_ij=False, force=True), _dicom_is_colour(path)
-    return PILReader(reverse_indexing=False, converter=_rgb_unless_gray), True
+        return PydicomReader(swap_ij=False, force=True)
+    return PILReader(reverse_indexing=False, converter=_rgb_unless_gray)
 
 
 def classification_transforms(path: str, in_channels: int, spatial_size: Sequence[int],
@@ -202,13 +202,12 @@ def classification_transforms(path: str, in_channels: int, spatial_size: Sequenc
     """The loading transforms of a classification image: read (:class:`ReadImage`), refuse non-finite values, CT
     window to ``[0, 1]`` (if given), channels (:class:`ImageChannels`), bilinear resize to ``spatial_size`` and a
     per-channel z-score; MONAI's transforms throughout, as the segmentation path's."""
-    reader, colour = image_reader(path, window)
-    steps: List[Any] = [ReadImage(reader), FiniteImage()]
+    steps: List[Any] = [ReadImage(image_reader(path, window)), FiniteImage()]
     if window is not None:
         center, width = float(window[0]), float(window[1])
         steps.append(ScaleIntensityRange(a_min=center - width / 2, a_max=center + width / 2, b_min=0.0, b_max=1.0,
                                          clip=True))
-    steps += [ImageChannels(in_channels, colour),
+    steps += [ImageChannels(in_channels),
               Resize(spatial_size=tuple(spatial_size), mode="bilinear", align_corners=False),
               NormalizeIntensity(channel_wise=True),
               EnsureType(data_type="numpy", dtype=np.float32, track_meta=False)]
@@ -228,9 +227,7 @@ def read_image(path: str, in_channels: int, spatial_size: Sequence[int],
     try:
         return classification_transforms(path, in_channels, spatial_size, window)(path)
     except Exception as e:  # MONAI wraps errors raised inside transforms
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = root_cause(e)
         if isinstance(cause, DataError):
             raise DataError(f"{path}: {cause}") from None
         raise DataError(f"cannot read image {path}: {cause}") from e

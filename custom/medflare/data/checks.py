@@ -26,6 +26,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 class DataError(ValueError):
     """Raised for bad site data; the message names the site, file or key at fault."""
 
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain: MONAI wraps an error raised inside a transform (a
+    :class:`DataError` of a check, a reader's error) in its own ``RuntimeError``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
 # names of the value kinds config_value accepts, and what an error message calls them
 KINDS = {
     "str": "a string",

@@ -29,7 +29,8 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from .checks import DataError, check_dicom_folder, check_inside_root  # noqa: F401 (DataError is re-exported)
+from .checks import (DataError, check_dicom_folder, check_inside_root,  # noqa: F401 (DataError is re-exported)
+                     root_cause)
 
 
 @dataclass(frozen=True)
@@ -226,9 +227,7 @@ def _load_one(transform: Compose, item: Dict[str, str]) -> Dict[str, Any]:
     except DataError:
         raise
     except Exception as e:  # MONAI wraps errors raised inside transforms
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = root_cause(e)
         if isinstance(cause, DataError):
             raise cause from None
         raise DataError(f"cannot load {item.get('image')} / {item.get('label')}: {cause}") from e
